@@ -1,0 +1,277 @@
+"""Typed experiment configuration: YAML -> dataclasses, with `section.key=value` overrides.
+
+One module for train.py and eval.py. A config file has four sections (data, model, train, eval); every key is
+a dataclass field below, so a typo or a wrong type is an error that names the key, and a bad value is an error
+that names the value. `Config.save` writes the resolved config, and `load_config` reads it back unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "kinetics"  # kinetics (official CSV) | list ("relative/path.mp4 label" lines) | ssv2 (JSON + frames)
+    root: str = ""  # videos (kinetics, list) or frame folders (ssv2); split sub-folders are resolved from here
+    train_list: str = ""  # annotation file of each split; relative paths are taken from `root`
+    val_list: str = ""
+    test_list: str = ""
+    labels_file: str = ""  # ssv2: something-something-v2-labels.json; kinetics/list: optional class-name list
+    num_frames: int = 32
+    sampling_rate: int = 8  # kinetics: frames between samples at `target_fps`
+    target_fps: float = 30.0
+    crop_size: int = 224
+    train_jitter_scales: tuple[int, int] = (256, 320)  # short side drawn from this range in training
+    inverse_uniform: bool = True  # draw the scale as 1/uniform(1/max, 1/min), as the original code does
+    random_flip: bool = True
+    color_jitter: bool = True
+    rand_augment: str = ""  # e.g. "rand-m9-n2"; empty = off
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    device: str = "gpu"  # gpu: NVDEC/nvJPEG + GPU augmentation; cpu: same graph on the CPU
+    num_threads: int = 4  # DALI CPU threads per process
+    py_workers: int = 4  # worker processes of the Python sources (file reading, CPU decoding)
+    allow_missing: bool = False  # false: any annotated video missing on disk is an error before training starts;
+    # true: missing videos are left out, counted and listed (real Kinetics always lacks some YouTube videos)
+    max_bad_fraction: float = 0.01  # training stops with an error if more of an epoch's videos fail to decode
+
+    def __post_init__(self):
+        _check_choice("data.dataset", self.dataset, ("kinetics", "list", "ssv2"))
+        _check_choice("data.device", self.device, ("gpu", "cpu"))
+        _check_positive("data.num_frames", self.num_frames)
+        _check_positive("data.sampling_rate", self.sampling_rate)
+        _check_positive("data.target_fps", self.target_fps)
+        _check_positive("data.crop_size", self.crop_size)
+        lo, hi = self.train_jitter_scales
+        if not 0 < lo <= hi:
+            raise ValueError(f"data.train_jitter_scales must be 0 < min <= max, got {list(self.train_jitter_scales)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std must be positive, got {list(self.std)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    num_classes: int = 400
+    num_frames: int = 32  # input frames; must equal data.num_frames
+    num_tokens: int = 1568  # tokens kept per clip (hybrid frames + k-center picks)
+    num_hybrid_frames: int = 3  # whole frames kept at linspace positions
+    spatial_coef: float = 1.0  # weight of the (h, w) coordinates in the k-center distance
+    temporal_coef: float = 1.0  # weight of the t coordinate
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    pretrained: str = ""  # timm model name (needs the hub) or a local .pth/.safetensors file; empty = random init
+
+    def __post_init__(self):
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes", "num_frames",
+                     "num_tokens"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        if self.img_size % self.patch_size:
+            raise ValueError(f"model.img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"model.embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+        if not 0 <= self.num_hybrid_frames <= self.num_frames:
+            raise ValueError(f"model.num_hybrid_frames must be in [0, num_frames], got {self.num_hybrid_frames}")
+        grid = (self.img_size // self.patch_size) ** 2
+        hybrid = self.num_hybrid_frames * grid
+        if not hybrid <= self.num_tokens <= self.num_frames * grid:
+            raise ValueError(f"model.num_tokens {self.num_tokens} must be in [{hybrid}, {self.num_frames * grid}] "
+                             f"({self.num_hybrid_frames} hybrid frames of {grid} patches, {self.num_frames} frames)")
+        if hybrid < self.num_tokens and self.num_hybrid_frames == self.num_frames:
+            raise ValueError("model.num_tokens leaves k-center picks but every frame is a hybrid frame")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/exp"
+    epochs: int = 15
+    batch_size: int = 256  # global: micro_batch_size x world size x accumulation steps
+    micro_batch_size: int = 8  # clips per process per forward pass
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    label_smoothing: float = 0.2
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32; bf16/fp16 fall back to fp32 on CPU
+    seed: int = 0
+    save_every_steps: int = 0  # also write last.pt every this many optimizer steps; 0 = once per epoch
+    val_every_epochs: int = 1
+    log_every_steps: int = 10
+    num_vis_clips: int = 2  # clips drawn with their sampled patches to TensorBoard after each validation
+    max_steps_per_epoch: int = 0  # cap on optimizer steps per epoch (smoke runs); 0 = the whole epoch
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "micro_batch_size", "val_every_epochs", "log_every_steps"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        _check_positive("train.lr", self.lr)
+        _check_choice("train.precision", self.precision, ("bf16", "fp16", "fp32"))
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.batch_size {self.batch_size} is not a multiple of "
+                             f"micro_batch_size {self.micro_batch_size}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("min_lr", "warmup_epochs", "weight_decay", "clip_grad", "save_every_steps", "max_steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalConfig:
+    num_clips: int = 4  # temporal clips per video
+    num_crops: int = 3  # spatial crops per clip (1 = centre, 3 = left/centre/right along the long side)
+    batch_size: int = 4  # videos per process per step (each brings num_clips x num_crops views)
+    checkpoint: str = ""
+    out_dir: str = ""  # results.json and predictions.csv; default: train.out_dir
+
+    def __post_init__(self):
+        _check_positive("eval.num_clips", self.num_clips)
+        _check_positive("eval.batch_size", self.batch_size)
+        _check_choice("eval.num_crops", self.num_crops, (1, 3))
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.model.num_frames != self.data.num_frames:
+            raise ValueError(f"model.num_frames ({self.model.num_frames}) != data.num_frames ({self.data.num_frames})")
+        if self.model.img_size != self.data.crop_size:
+            raise ValueError(f"model.img_size ({self.model.img_size}) != data.crop_size ({self.data.crop_size})")
+
+    def to_dict(self) -> dict:
+        return {f.name: _to_plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+
+    def save(self, path: str) -> None:
+        """Write the resolved config as YAML, atomically."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections/keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for f in dataclasses.fields(Config):
+        sections[f.name] = f.type if not isinstance(f.type, str) else typing.get_type_hints(Config)[f.name]
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ValueError(f"{source}: unknown config section(s) {sorted(unknown)}; known: {list(sections)}")
+    built = {}
+    for name, cls in sections.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section '{name}' must be a mapping, got {values!r}")
+        built[name] = _build_section(cls, values, name, source)
+    return Config(**built)
+
+
+def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config and apply `section.key=value` overrides (values parsed as YAML)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        section, name = parts
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"override {item!r}: section '{section}' is not a mapping")
+        raw[section][name] = yaml.safe_load(value) if value.strip() else ""
+    return config_from_dict(raw, source=path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Type checking of plain YAML values against the dataclass annotations.
+
+
+def _build_section(cls, values: dict, section: str, source: str):
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        known = ", ".join(hints)
+        raise ValueError(f"{source}: unknown config key(s) {', '.join(f'{section}.{k}' for k in sorted(unknown))} "
+                         f"(known keys of '{section}': {known})")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}", source) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value, tp, key: str, source: str):
+    """Return `value` as type `tp`, or raise naming the key. Ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{source}: {key} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{source}: {key} must have {len(args)} items, got {list(value)}")
+            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+        item_type = args[0] if args else typing.Any
+        out = [_coerce(v, item_type, key, source) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is typing.Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads "1e-4" (no dot) as a string
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise TypeError(f"{source}: {key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _to_plain(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _check_choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(key, value):
+    if not value > 0:
+        raise ValueError(f"{key} must be > 0, got {value!r}")
