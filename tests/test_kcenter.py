@@ -1,0 +1,158 @@
+import math
+
+import pytest
+import torch
+
+from models.kcenter import (KCenterTokenSampler, _kcenter_batched, hybrid_frame_indices, kcenter_sample,
+                            patch_coordinates, patchify)
+
+
+def reference_kcenter(points, k, start):
+    """Brute force in float64: distances from each new pick to every point, min, argmax (lowest index on ties)."""
+    out = []
+    for x, s in zip(points.double(), start.tolist()):
+        min_dist = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
+        picks = [s]
+        for _ in range(1, k):
+            min_dist = torch.minimum(min_dist, ((x - x[picks[-1]]) ** 2).sum(-1))
+            min_dist[picks] = -1.0
+            picks.append(int(min_dist.argmax()))
+        out.append(picks)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("B,N,D,k", [(3, 200, 16, 50), (2, 500, 771, 120), (2, 300, 8, 300), (4, 64, 3, 1)])
+def test_matches_reference(B, N, D, k):
+    g = torch.Generator().manual_seed(B * N + k)
+    points = torch.randn(B, N, D, generator=g)
+    start = torch.randint(N, (B,), generator=g)
+    expected = reference_kcenter(points, k, start)
+    assert torch.equal(kcenter_sample(points, k, start), expected)
+    assert torch.equal(_kcenter_batched(points, k, start), expected)  # the CUDA fallback's code path
+
+
+def test_long_run_with_syncs_and_near_ties():
+    # k spans many lazy re-syncs; integer-valued points make exact ties that must go to the lowest index
+    g = torch.Generator().manual_seed(0)
+    points = torch.randint(0, 3, (2, 400, 6), generator=g).float()
+    start = torch.tensor([0, 399])
+    assert torch.equal(kcenter_sample(points, 400, start), reference_kcenter(points, 400, start))
+
+
+def test_random_start_and_generator():
+    points = torch.randn(5, 100, 4)
+    a = kcenter_sample(points, 10, generator=torch.Generator().manual_seed(1))
+    b = kcenter_sample(points, 10, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(a, reference_kcenter(points, 10, a[:, 0]))
+    assert a.dtype == torch.int64 and a.shape == (5, 10)
+
+
+def test_k_equals_n_is_a_permutation_even_with_duplicates():
+    points = torch.zeros(2, 30, 5)  # all points identical
+    picks = kcenter_sample(points, 30, torch.tensor([7, 0]))
+    for row in picks:
+        assert sorted(row.tolist()) == list(range(30))
+    assert picks[:, 0].tolist() == [7, 0]
+
+
+def test_bf16_accumulates_in_fp32():
+    points = torch.randn(2, 150, 32).bfloat16()
+    start = torch.tensor([3, 4])
+    assert torch.equal(kcenter_sample(points, 40, start), reference_kcenter(points.float(), 40, start))
+
+
+def test_distances_computed_without_n_by_n_matrix(monkeypatch):
+    called, cdist = [], torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda *a, **kw: called.append(a) or cdist(*a, **kw))
+    points = torch.randint(0, 2, (1, 300, 8)).float()  # many exact ties: the float64 re-rank runs
+    kcenter_sample(points, 100, torch.tensor([0]))
+    assert called and all(a[0].shape[0] < 300 for a in called)  # small re-ranks only, never the full matrix
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(points=torch.randn(10, 3)), "shape"),
+    (dict(points=torch.ones(1, 5, 2, dtype=torch.int64)), "float"),
+    (dict(k=0), "k must be"),
+    (dict(k=11), "k must be"),
+    (dict(k=2.0), "k must be"),
+    (dict(start=torch.tensor([10])), "start indices"),
+    (dict(start=torch.tensor([0, 1])), "start must be"),
+    (dict(start=torch.tensor([0.0])), "start must be"),
+])
+def test_bad_arguments(bad, match):
+    args = dict(points=torch.randn(1, 10, 3), k=3, start=torch.tensor([0])) | bad
+    with pytest.raises(ValueError, match=match):
+        kcenter_sample(args["points"], args["k"], args["start"])
+
+
+def test_patchify_layout():
+    clip = torch.arange(2 * 3 * 2 * 8 * 8, dtype=torch.float32).view(2, 3, 2, 8, 8)  # B C T H W
+    patches = patchify(clip, 4)
+    assert patches.shape == (2, 2, 2, 2, 3 * 16)
+    # patch (b=1, t=1, row=0, col=1): channel-major, then p1 rows, then p2 cols
+    expected = clip[1, :, 1, 0:4, 4:8].reshape(-1)
+    assert torch.equal(patches[1, 1, 0, 1], expected)
+
+
+def test_patch_coordinates_scale():
+    coords = patch_coordinates(num_frames=32, grid=14, patch_size=16, pixel_std=0.5, temporal_coef=2.0)
+    assert coords.shape == (32, 14, 14, 3)
+    t_extent, s_extent = math.sqrt(16) / 0.5, math.sqrt(8) / 0.5
+    assert coords[..., 0].min().item() == pytest.approx(-t_extent)  # coef 2 doubles the half-extent
+    assert coords[-1, 0, 0, 0].item() == pytest.approx(t_extent)
+    assert coords[0, 0, 0, 1].item() == pytest.approx(-s_extent / 2)
+    assert coords[0, 13, 0, 1].item() == pytest.approx(s_extent / 2)
+    assert coords[0, 0, 13, 2].item() == pytest.approx(s_extent / 2)
+    assert torch.allclose(coords.mean(dim=(0, 1, 2)), torch.zeros(3), atol=1e-5)  # centred
+
+
+def test_hybrid_frame_positions():
+    assert hybrid_frame_indices(32, 3).tolist() == [0, 15, 31]
+    assert hybrid_frame_indices(8, 1).tolist() == [0]
+
+
+def make_sampler(**kw):
+    args = dict(num_frames=8, img_size=32, patch_size=8, num_tokens=40, num_hybrid_frames=2, pixel_std=0.5)
+    return KCenterTokenSampler(**(args | kw))
+
+
+def test_token_selection_hybrid_then_kcenter():
+    sampler = make_sampler()
+    clip = torch.randn(3, 3, 8, 32, 32)
+    tokens, t_index, s_index = sampler(clip, start=torch.tensor([0, 5, 9]))
+    assert tokens.shape == (3, 40, 3 * 64) and t_index.shape == s_index.shape == (3, 40)
+    # 2 hybrid frames of 16 patches at frames 0 and 7, in raster order
+    assert t_index[:, :32].tolist() == [[0] * 16 + [7] * 16] * 3
+    assert s_index[:, :32].tolist() == [list(range(16)) * 2] * 3
+    # the rest: k-center over frames 1..6 with positions appended, in pick order
+    assert set(t_index[:, 32:].flatten().tolist()) <= set(range(1, 7))
+    patches = patchify(clip, 8)
+    for b in range(3):
+        for j in range(40):
+            assert torch.equal(tokens[b, j], patches[b, t_index[b, j], s_index[b, j] // 4, s_index[b, j] % 4])
+    # same picks as sampling the (pixels, coords) points directly
+    coords = patch_coordinates(8, 4, 8, 0.5)[1:7].flatten(0, 2)
+    points = torch.cat([patches[:, 1:7].flatten(1, 3), coords.expand(3, -1, -1)], -1)
+    picks = reference_kcenter(points, 8, torch.tensor([0, 5, 9]))
+    assert torch.equal(t_index[:, 32:], 1 + picks // 16) and torch.equal(s_index[:, 32:], picks % 16)
+
+
+def test_token_selection_without_hybrid_and_all_hybrid():
+    clip = torch.randn(2, 3, 8, 32, 32)
+    tokens, t_index, _ = make_sampler(num_hybrid_frames=0, num_tokens=20)(clip)
+    assert tokens.shape == (2, 20, 192) and len(set(t_index[0].tolist())) > 1
+    tokens, t_index, _ = make_sampler(num_hybrid_frames=2, num_tokens=32)(clip)
+    assert tokens.shape == (2, 32, 192) and set(t_index.flatten().tolist()) == {0, 7}
+
+
+def test_coordinates_spread_picks_in_time():
+    # identical frames: without coordinates k-center could not tell them apart; with them it spreads over time
+    clip = torch.randn(1, 3, 1, 32, 32).expand(-1, -1, 8, -1, -1)
+    _, t_index, _ = make_sampler(num_hybrid_frames=0, num_tokens=8, temporal_coef=50.0)(clip)
+    assert sorted(t_index[0].tolist()) == list(range(8))
+
+
+def test_token_budget_validated():
+    with pytest.raises(ValueError, match="num_tokens"):
+        make_sampler(num_tokens=20)  # less than 2 hybrid frames of 16 patches
