@@ -1,0 +1,156 @@
+"""K-center sampler vs the original code's approach, at the paper's setting, in one process.
+
+Original approach (kami93/kcenter_video `KCenterSampler`, rewritten here as the baseline): a full pairwise
+`torch.cdist` matrix per clip, then a Python loop of gather/minimum/argmax steps. Ours: `kcenter_sample`.
+Setting: 32 frames of 14x14 patches, 3 hybrid frames -> k-center over 29*196 = 5684 patches of 768 pixels + 3
+coordinates, 1568 - 3*196 = 980 picks per clip.
+
+    python bench/bench_sampler.py                  # synthetic video clips and Gaussian points, B=8
+    python bench/bench_sampler.py --batch 2 --repeats 1
+
+Prints the time ratio (baseline / ours, same process, alternating runs, median), the peak-memory ratio (extra
+peak RSS of a fresh process running each method once, so the input itself is not counted), and whether the picks
+are identical to the baseline's and to a float64 brute-force reference.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.kcenter import kcenter_sample, patch_coordinates, patchify  # noqa: E402
+
+FRAMES, GRID, PATCH, HYBRID, TOKENS = 32, 14, 16, 3, 1568
+
+
+def original_kcenter(points: torch.Tensor, k: int, start: torch.Tensor) -> torch.Tensor:
+    """The original code's method: N x N cdist per clip, then k steps over its rows."""
+    B, N, _ = points.shape
+    cdist = torch.cdist(points, points)  # (B, N, N)
+    cdist.diagonal(dim1=1, dim2=2)[:] = -1.0
+    distance = torch.full((B, N), 5e4, device=points.device)
+    rows = torch.arange(B, device=points.device)
+    farthest, picks = start, [start]
+    for _ in range(1, k):
+        distance = torch.minimum(cdist[rows, farthest], distance)
+        farthest = distance.argmax(-1)
+        picks.append(farthest)
+    return torch.stack(picks, -1)
+
+
+def synthetic_clip_points(batch: int, seed: int) -> torch.Tensor:
+    """Points as the model builds them from a video: normalised pixels of the non-hybrid frames + coordinates.
+
+    The clips are textured backgrounds with moving squares and sensor noise, pixel values mapped to [-1, 1]
+    (mean = std = 0.5, as in the paper's configs)."""
+    g = torch.Generator().manual_seed(seed)
+    size = GRID * PATCH
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    clips = []
+    for _ in range(batch):
+        freq = torch.rand(3, generator=g) * 0.1
+        frames = []
+        for t in range(FRAMES):
+            img = torch.stack([torch.sin((x + 3 * t) * f + y * f * 0.5) for f in freq])  # (3, H, W)
+            for _square in range(3):
+                cx, cy, vx, vy = (torch.rand(4, generator=g) * torch.tensor([size, size, 8, 8])).tolist()
+                x0, y0 = int(cx + vx * t) % (size - 40), int(cy + vy * t) % (size - 40)
+                img[:, y0:y0 + 40, x0:x0 + 40] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+            frames.append(img + 0.05 * torch.randn(img.shape, generator=g))
+        clips.append(torch.stack(frames, 1).clamp(-1, 1))  # (3, T, H, W)
+    return clip_points(torch.stack(clips))
+
+
+def clip_points(clips: torch.Tensor) -> torch.Tensor:
+    hybrid = set(torch.linspace(0, FRAMES - 1, HYBRID).long().tolist())
+    others = [t for t in range(FRAMES) if t not in hybrid]
+    patches = patchify(clips, PATCH)[:, others].flatten(1, 3)  # (B, 5684, 768)
+    coords = patch_coordinates(FRAMES, GRID, PATCH, pixel_std=0.5)[others].flatten(0, 2)
+    return torch.cat([patches, coords.expand(len(clips), -1, -1)], -1)  # (B, 5684, 771)
+
+
+def make_inputs(kind: str, batch: int, seed: int = 0):
+    points = synthetic_clip_points(batch, seed) if kind == "video" else \
+        torch.randn(batch, (FRAMES - HYBRID) * GRID * GRID, PATCH * PATCH * 3 + 3,
+                    generator=torch.Generator().manual_seed(seed))
+    start = torch.randint(points.shape[1], (batch,), generator=torch.Generator().manual_seed(seed + 1))
+    return points, start
+
+
+def reference64(points: torch.Tensor, k: int, start: torch.Tensor) -> torch.Tensor:
+    out = []
+    for x, s in zip(points.double(), start.tolist()):
+        min_dist, picks = torch.full((x.shape[0],), math.inf, dtype=torch.float64), [s]
+        for _ in range(1, k):
+            min_dist = torch.minimum(min_dist, ((x - x[picks[-1]]) ** 2).sum(-1))
+            min_dist[picks] = -1.0
+            picks.append(int(min_dist.argmax()))
+        out.append(picks)
+    return torch.tensor(out)
+
+
+METHODS = {"original": original_kcenter, "ours": kcenter_sample}
+K = TOKENS - HYBRID * GRID * GRID
+
+
+def peak_extra_mb(method: str, kind: str, batch: int) -> float:
+    """Run one method once in a fresh process; its peak RSS minus the RSS once the inputs exist."""
+    out = subprocess.run([sys.executable, __file__, "--child", method, "--inputs", kind, "--batch", str(batch)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def child(method: str, kind: str, batch: int) -> None:
+    points, start = make_inputs(kind, batch)
+    before = _vm_hwm_kb()
+    METHODS[method](points, K, start)
+    print((_vm_hwm_kb() - before) / 1024)
+
+
+def _vm_hwm_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inputs", choices=["video", "gaussian", "both"], default="both")
+    parser.add_argument("--child", choices=list(METHODS))
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.inputs, args.batch)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={args.batch}, N={(FRAMES - HYBRID) * 196}, "
+          f"D=771, k={K}")
+    for kind in (["video", "gaussian"] if args.inputs == "both" else [args.inputs]):
+        points, start = make_inputs(kind, args.batch)
+        times = {name: [] for name in METHODS}
+        picks = {}
+        for _ in range(args.repeats):
+            for name, fn in METHODS.items():
+                t0 = time.perf_counter()
+                picks[name] = fn(points, K, start)
+                times[name].append(time.perf_counter() - t0)
+        t_orig, t_ours = statistics.median(times["original"]), statistics.median(times["ours"])
+        mem = {name: peak_extra_mb(name, kind, args.batch) for name in METHODS}
+        ref = reference64(points, K, start)
+        same_orig = (picks["ours"] == picks["original"]).all(1)
+        print(f"[{kind}] original {t_orig:.3f} s, ours {t_ours:.3f} s -> {t_orig / t_ours:.2f}x faster; "
+              f"peak extra memory original {mem['original']:.0f} MB, ours {mem['ours']:.0f} MB -> "
+              f"{mem['original'] / max(mem['ours'], 1e-3):.1f}x less")
+        print(f"[{kind}] picks identical to the original's: {int(same_orig.sum())}/{args.batch} clips; "
+              f"to the float64 reference: ours {int((picks['ours'] == ref).all(1).sum())}/{args.batch}, "
+              f"original {int((picks['original'] == ref).all(1).sum())}/{args.batch}")
+
+
+if __name__ == "__main__":
+    main()

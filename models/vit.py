@@ -1,0 +1,150 @@
+"""K-center ViT: a plain ViT (timm blocks) over the patches chosen by K-centered sampling.
+
+The sampler keeps `num_tokens` of a clip's T*h*w patches; only those are embedded. Each token gets the spatial
+position embedding of its place in the frame (the 2-D ViT's, so ImageNet weights load as they are) plus a
+learned temporal embedding of its frame. Class token, timm `Block`s with fused attention, norm, linear head.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from .kcenter import KCenterTokenSampler
+
+log = logging.getLogger(__name__)
+
+
+class KCenterViT(nn.Module):
+    def __init__(self, *, num_classes: int, num_frames: int = 32, img_size: int = 224, patch_size: int = 16,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, num_tokens: int = 1568, num_hybrid_frames: int = 3,
+                 pixel_std: float = 0.5, temporal_coef: float = 1.0, spatial_coef: float = 1.0,
+                 drop_rate: float = 0.0, pos_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1):
+        super().__init__()
+        self.sampler = KCenterTokenSampler(
+            num_frames=num_frames, img_size=img_size, patch_size=patch_size, num_tokens=num_tokens,
+            num_hybrid_frames=num_hybrid_frames, pixel_std=pixel_std, temporal_coef=temporal_coef,
+            spatial_coef=spatial_coef)
+        # timm's module holds the conv weights (so 2-D checkpoints load by name); it is applied as a linear map
+        # to the chosen patches only, whose pixels are already laid out (c, p1, p2) like the conv kernel
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))  # [cls, row-major places]
+        self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=rate, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for rate in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def select_tokens(self, clip: Tensor, start: Tensor | None = None):
+        """clip (B, C, T, H, W) -> tokens (B, K, C*p*p), t_index (B, K), s_index (B, K)."""
+        return self.sampler(clip, start=start)
+
+    def forward_tokens(self, tokens: Tensor, t_index: Tensor, s_index: Tensor) -> Tensor:
+        proj = self.patch_embed.proj
+        x = F.linear(tokens, proj.weight.flatten(1), proj.bias)  # (B, K, D)
+        x = x + self.pos_embed[0, s_index + 1] + self.time_embed[0, t_index]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat([cls, x], dim=1))  # (B, 1 + K, D)
+        x = self.norm(self.blocks(x))
+        return self.head(self.head_drop(x[:, 0]))
+
+    def forward(self, clip: Tensor, start: Tensor | None = None) -> Tensor:
+        tokens, t_index, s_index = self.select_tokens(clip, start)
+        return self.forward_tokens(tokens.to(self.pos_embed.dtype), t_index, s_index)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay on embeddings of position/time, the class token, norms and biases."""
+        no_decay = {"pos_embed", "time_embed", "cls_token"}
+        decay, rest = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (rest if p.ndim <= 1 or name in no_decay else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def build_model(cfg, pixel_std: float = 0.5) -> KCenterViT:
+    """KCenterViT from a `config.ModelConfig`; `pixel_std` is the data normalisation std (sets coordinate scale)."""
+    model = KCenterViT(
+        num_classes=cfg.num_classes, num_frames=cfg.num_frames, img_size=cfg.img_size, patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias, num_tokens=cfg.num_tokens, num_hybrid_frames=cfg.num_hybrid_frames,
+        pixel_std=pixel_std, temporal_coef=cfg.temporal_coef, spatial_coef=cfg.spatial_coef,
+        drop_rate=cfg.drop_rate, pos_drop_rate=cfg.pos_drop_rate, attn_drop_rate=cfg.attn_drop_rate,
+        drop_path_rate=cfg.drop_path_rate)
+    if cfg.pretrained:
+        load_pretrained_2d(model, cfg.pretrained)
+    return model
+
+
+def load_pretrained_2d(model: KCenterViT, source: str) -> list[str]:
+    """Initialise from a 2-D ViT: a local .pth/.pt/.bin/.safetensors state dict, or a timm model name.
+
+    Copies the patch embedding, class token, spatial position embedding (resampled if the grid differs), blocks
+    and final norm; the head and the temporal embedding keep their fresh initialisation. Returns the names of
+    the model's parameters that were loaded.
+    """
+    state = _read_2d_state_dict(source)
+    own = model.state_dict()
+    wanted = {k: v for k, v in state.items() if k in own and not k.startswith("head.")}
+    if "pos_embed" in wanted and wanted["pos_embed"].shape != own["pos_embed"].shape:
+        grid = model.patch_embed.grid_size
+        wanted["pos_embed"] = resample_abs_pos_embed(wanted["pos_embed"], new_size=list(grid), num_prefix_tokens=1)
+    mismatched = [k for k, v in wanted.items() if v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"pretrained weights from {source}: shapes differ for "
+                         + ", ".join(f"{k} {tuple(wanted[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched))
+    if not any(k.startswith("blocks.") for k in wanted):
+        raise ValueError(f"pretrained weights from {source}: no ViT block weights found (keys like "
+                         f"{list(state)[:3]}); expected a timm VisionTransformer state dict")
+    model.load_state_dict(wanted, strict=False)
+    missing = sorted(k for k in own if k not in wanted and not k.startswith(("head.", "time_embed")))
+    if missing:
+        log.warning("pretrained weights from %s lack %d tensors, left at init: %s", source, len(missing), missing[:8])
+    return sorted(wanted)
+
+
+def _read_2d_state_dict(source: str) -> dict[str, Tensor]:
+    if os.path.isfile(source):
+        if source.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(source)
+        else:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict", "model_state"):  # common checkpoint wrappers
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    if any(source.endswith(ext) for ext in (".pth", ".pt", ".bin", ".safetensors")) or os.sep in source:
+        raise FileNotFoundError(f"pretrained weights file not found: {source}")
+    import timm
+    try:
+        return timm.create_model(source, pretrained=True, num_classes=0).state_dict()
+    except Exception as e:  # unknown name, or the hub is unreachable (no network)
+        raise RuntimeError(f"could not load pretrained weights '{source}' from timm: {e}. Download the weights "
+                           f"where the hub is reachable and set model.pretrained to the local file") from e
