@@ -41,6 +41,7 @@ class DataConfig:
     py_workers: int = 4  # worker processes of the Python sources (file reading, CPU decoding)
     allow_missing: bool = False  # false: any annotated video missing on disk is an error before training starts;
     # true: missing videos are left out, counted and listed (real Kinetics always lacks some YouTube videos)
+    generate_demo: bool = False  # build the synthetic demo dataset (preprocess/make_demo_data.py) if root is absent
     max_bad_fraction: float = 0.01  # training stops with an error if more of an epoch's videos fail to decode
 
     def __post_init__(self):
