@@ -1,0 +1,202 @@
+"""`build_loader`: a dataset split as an iterator of augmented clips on the device.
+
+The loader wraps one DALI pipeline (see graphs.py) and DALI's PyTorch iterator, which hands the outputs to torch
+through DLPack: with `device: gpu` the clips and labels stay on the rank's GPU. It drops the rows the source
+marked as padding or bad, keeps the record of bad videos, and enforces `max_bad_fraction` in training.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from pipelines import sampling
+from pipelines.datasets import VideoDataset, read_dataset
+from pipelines.graphs import GRAPHS, OUTPUT_NAMES, rand_augment_suite
+from pipelines.sources import BAD, OK, PADDING, ClipSource, ClipSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    clips: torch.Tensor  # (B, C, T, H, W) float32, or (B, V, C, T, H, W) for the test split
+    labels: torch.Tensor  # (B,) int64, on the device of `clips`
+    index: torch.Tensor  # (B,) int64 dataset index of each row (CPU)
+
+
+def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: int = 1, device_id: int | None = None,
+                 seed: int = 0, num_clips: int = 1, num_crops: int = 1, start_epoch: int = 0,
+                 start_batch: int = 0) -> "ClipLoader":
+    """A loader of `split` ("train" | "val" | "test") for one rank.
+
+    Args:
+        cfg: DataConfig.
+        batch_size: clips (train/val) or videos (test) per rank and step.
+        device_id: CUDA device of this rank when cfg.device == "gpu".
+        seed: everything random is a function of (seed, epoch, video), independent of ranks and workers.
+        num_clips, num_crops: test split only: temporal clips x spatial crops (1 or 3) per video.
+        start_epoch, start_batch: resume: the first `for` yields batches start_batch.. of epoch start_epoch.
+    """
+    if cfg.device == "gpu" and device_id is None:
+        raise ValueError("data.device is 'gpu' but no device_id was given (use data.device=cpu without a GPU)")
+    if split != "test" and (num_clips, num_crops) != (1, 1):
+        raise ValueError(f"num_clips/num_crops are for the test split, got {num_clips}/{num_crops} for {split}")
+    if num_crops not in (1, 3) or num_clips < 1:
+        raise ValueError(f"num_crops must be 1 or 3 and num_clips >= 1, got {num_crops} and {num_clips}")
+    if cfg.dataset == "ssv2" and num_clips != 1:
+        raise ValueError(f"ssv2 is tested with one temporal clip (all frames are covered), got num_clips={num_clips}")
+    if not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1, got {rank}, {world_size}, {batch_size}")
+    dataset = read_dataset(cfg, split, show_progress=rank == 0)
+    if not dataset.videos:
+        raise ValueError(f"no videos in the {split} split ({getattr(cfg, split + '_list')})")
+    spec = clip_spec(cfg, split, dataset, num_clips, num_crops)
+    return ClipLoader(dataset, spec, split=split, batch_size=batch_size, rank=rank, world_size=world_size,
+                      device_id=device_id, seed=seed, start_epoch=start_epoch, start_batch=start_batch,
+                      num_threads=cfg.num_threads, py_workers=cfg.py_workers, max_bad_fraction=cfg.max_bad_fraction)
+
+
+def clip_spec(cfg, split: str, dataset: VideoDataset, num_clips: int = 1, num_crops: int = 1) -> ClipSpec:
+    """What the source produces and the graph does for `split`, from the DataConfig."""
+    train = split == "train"
+    augment = sampling.parse_rand_augment(cfg.rand_augment) if train else None
+    reader = "jpeg" if dataset.frames else "nvdec" if cfg.device == "gpu" else "pyav"
+    return ClipSpec(
+        mode=split, reader=reader, device=cfg.device, num_frames=cfg.num_frames, sampling_rate=cfg.sampling_rate,
+        target_fps=cfg.target_fps, crop_size=cfg.crop_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
+        num_clips=num_clips, num_crops=num_crops, jitter_scales=tuple(cfg.train_jitter_scales),
+        inverse_uniform=cfg.inverse_uniform, random_flip=cfg.random_flip, color_jitter=train and cfg.color_jitter,
+        rand_augment=augment, rand_augment_suite_size=len(rand_augment_suite(augment)) - 1 if augment else 0)
+
+
+def make_pipeline(source: ClipSource, batch_size: int, num_threads: int, py_workers: int, device_id: int | None,
+                  seed: int = 0):
+    """The graph of the source's mode (not yet built). `py_workers` 0 runs the source in this process.
+    With `device_id=None` a GPU graph can still be serialized (a cheap check of it on machines without a GPU)."""
+    return GRAPHS[source.spec.mode](
+        source, parallel=py_workers > 0, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+        py_num_workers=max(1, py_workers), seed=seed % 2**31,  # DALI's own RNG is not used by the graphs
+        enable_conditionals=source.spec.rand_augment is not None)  # RandAugment's op switch is a DALI `if`
+
+
+class ClipLoader:
+    """One `for` = one epoch. Rows that are padding or failed to decode are removed from the batch, so a batch
+    may be smaller than batch_size (even empty); `bad_videos` and `last_epoch_summary()` keep the record."""
+
+    def __init__(self, dataset: VideoDataset, spec: ClipSpec, *, split: str, batch_size: int, rank: int,
+                 world_size: int, device_id: int | None, seed: int, start_epoch: int, start_batch: int,
+                 num_threads: int, py_workers: int, max_bad_fraction: float):
+        self.dataset, self.spec, self.split = dataset, spec, split
+        self.batch_size, self.rank, self.world_size, self.device_id = batch_size, rank, world_size, device_id
+        self.seed, self.num_threads, self.py_workers = seed, num_threads, py_workers
+        self.max_bad_fraction = max_bad_fraction
+        self.steps = sampling.steps_per_epoch(len(dataset.videos), batch_size, world_size)
+        if not 0 <= start_batch <= self.steps:
+            raise ValueError(f"start_batch must be in [0, {self.steps}], got {start_batch}")
+        if start_batch == self.steps:  # resuming after the last batch of an epoch = the start of the next
+            start_epoch, start_batch = start_epoch + 1, 0
+        self.epoch = start_epoch
+        self._skip = start_batch  # batches skipped at the start of the upcoming epoch (resume)
+        self._iterator = None  # (DALI iterator, pipeline), built by the first `for` of a run of epochs
+        self._started = False
+        self._bad: dict[str, str] = {}
+        self._summary: dict = {}
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.dataset.videos)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names
+
+    @property
+    def videos(self) -> list[tuple[str, int]]:
+        return [(video.path, video.label) for video in self.dataset.videos]
+
+    @property
+    def missing_videos(self) -> list[tuple[str, str]]:
+        """(path, "annotation:line") of annotated videos left out because they are missing (allow_missing)."""
+        return list(self.dataset.missing)
+
+    @property
+    def bad_videos(self) -> list[tuple[str, str]]:
+        return list(self._bad.items())
+
+    def last_epoch_summary(self) -> dict:
+        return dict(self._summary)
+
+    def __len__(self) -> int:
+        return self.steps - self._skip
+
+    def __iter__(self):
+        if self._started:
+            self.epoch += 1
+        self._started = True
+        if self._iterator is None:
+            self._iterator = self._build(self.epoch, self._skip)
+        iterator, _ = self._iterator
+        counts = dict(seen=0, bad=0, padded=0)
+        finished = False
+        try:
+            for outputs in iterator:
+                # Empty batches are yielded too: every rank must take len(loader) steps.
+                yield self._filter(outputs[0], counts)
+            finished = True
+        finally:
+            self._skip = 0
+            if finished:
+                iterator.reset()
+            else:  # DALI cannot reset mid-epoch: the next `for` gets a new pipeline, starting at its epoch
+                self._iterator = None
+        self._end_epoch(counts)
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _build(self, epoch: int, start_batch: int):
+        source = ClipSource(self.dataset.videos, self.spec, seed=self.seed, rank=self.rank,
+                            world_size=self.world_size, batch_size=self.batch_size, start_epoch=epoch,
+                            start_batch=start_batch)
+        pipe = make_pipeline(source, self.batch_size, num_threads=self.num_threads, py_workers=self.py_workers,
+                             device_id=self.device_id if self.spec.device == "gpu" else None,
+                             seed=self.seed + self.rank)
+        iterator = DALIGenericIterator(pipe, OUTPUT_NAMES, size=-1, auto_reset=False, prepare_first_batch=False)
+        return iterator, pipe
+
+    def _filter(self, out: dict, counts: dict) -> Batch:
+        status = out["status"].cpu().reshape(-1)
+        index = out["index"].cpu().reshape(-1).to(torch.int64)
+        counts["seen"] += int((status != PADDING).sum())
+        counts["padded"] += int((status == PADDING).sum())
+        for row in (status == BAD).nonzero().reshape(-1).tolist():
+            counts["bad"] += 1
+            self._record_bad(int(index[row]), bytes(out["message"][row].cpu().numpy()).rstrip(b"\0").decode())
+        clips, labels = out["clips"], out["labels"].reshape(-1).to(torch.int64)
+        keep = status == OK
+        if not bool(keep.all()):
+            rows = keep.nonzero().reshape(-1)
+            clips, labels, index = clips[rows.to(clips.device)], labels[rows.to(labels.device)], index[rows]
+        return Batch(clips, labels, index)
+
+    def _record_bad(self, index: int, message: str) -> None:
+        path = self.dataset.videos[index].path
+        if path not in self._bad:
+            self._bad[path] = message
+            log.warning("cannot decode %s (%s): skipped%s", path, message,
+                        "" if self.split == "train" else "; it is excluded from the evaluation")
+
+    def _end_epoch(self, counts: dict) -> None:
+        self._summary = dict(epoch=self.epoch, **counts)
+        if counts["bad"]:
+            log.warning("epoch %d (%s, rank %d): %d of %d videos could not be decoded", self.epoch, self.split,
+                        self.rank, counts["bad"], counts["seen"])
+        if self.split == "train" and counts["seen"] and counts["bad"] / counts["seen"] > self.max_bad_fraction:
+            raise RuntimeError(
+                f"{counts['bad']} of {counts['seen']} training videos failed to decode in epoch {self.epoch} "
+                f"(more than data.max_bad_fraction={self.max_bad_fraction}); first: {self.bad_videos[:3]}")
