@@ -41,19 +41,24 @@ def count_packets(data: bytes) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def decode_frames(path: str, indices: np.ndarray) -> np.ndarray:
+# Container frame counts can be off by a frame or two; a stream that ends earlier than that is truncated.
+FRAME_COUNT_SLACK = 2
+
+
+def decode_frames(path: str, indices: np.ndarray, num_frames: int) -> np.ndarray:
     """Decode the frames at `indices` (any order, repeats allowed) as (len(indices), H, W, 3) uint8 RGB.
 
-    Frame i is the i-th frame in presentation order. Indices past the last decodable frame get the last frame
-    (the edge padding of short clips). Raises if no requested frame can be decoded.
+    Frame i is the i-th frame in presentation order. Indices past the end of a video get its last frame (edge
+    padding, for indices clamped to a slightly wrong frame count). Raises if nothing can be decoded or if the
+    stream ends well before the `num_frames` the container announced (a truncated or corrupt file).
     """
     wanted = np.unique(indices)
     frames = _decode_range(path, int(wanted[0]), int(wanted[-1]), seek=wanted[0] > 0)
     if frames is None:  # seeking landed after the first wanted frame (e.g. a bad index): decode from the start
         frames = _decode_range(path, int(wanted[0]), int(wanted[-1]), seek=False)
-    if not frames:
-        raise ValueError(f"no frame at or after index {int(wanted[0])} could be decoded")
-    last = max(frames)
+    last = max(frames, default=-1)
+    if last < min(int(wanted[-1]), num_frames - 1 - FRAME_COUNT_SLACK):
+        raise ValueError(f"the stream ends at frame {last + 1}, the container announces {num_frames}")
     return np.stack([frames[int(i)] if int(i) in frames else frames[last] for i in indices])
 
 

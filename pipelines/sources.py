@@ -21,7 +21,7 @@ import numpy as np
 
 from pipelines import sampling
 from pipelines.datasets import VideoRecord
-from pipelines.decode import count_packets, decode_frames, placeholder_video
+from pipelines.decode import FRAME_COUNT_SLACK, count_packets, decode_frames, placeholder_video
 
 OK, PADDING, BAD = 1, 0, 2
 MESSAGE_BYTES = 256  # error messages travel as fixed-size byte rows so that the batch stays dense
@@ -125,7 +125,7 @@ class ClipSource:
             return self._read_jpegs(video, ids)
         if self.spec.reader == "pyav":
             try:
-                return (decode_frames(video.path, ids),)
+                return (decode_frames(video.path, ids, video.num_frames),)
             except Exception as e:  # FFmpeg reports corrupt data in many exception types
                 raise _BadVideo(f"decoding failed: {type(e).__name__}: {e}") from None
         try:
@@ -133,8 +133,8 @@ class ClipSource:
             packets = count_packets(data.tobytes())
         except Exception as e:
             raise _BadVideo(f"demuxing failed: {type(e).__name__}: {e}") from None
-        if packets == 0:
-            raise _BadVideo("no video packets")
+        if packets == 0 or packets < min(int(ids.max()) + 1, video.num_frames - FRAME_COUNT_SLACK):
+            raise _BadVideo(f"the stream has {packets} packets, the container announces {video.num_frames} frames")
         # NVDEC fails the whole batch on an index past the end: trust the packets over the metadata.
         return data, np.minimum(ids, packets - 1).astype(np.int32)
 

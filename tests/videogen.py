@@ -40,9 +40,12 @@ def frame_number(red: np.ndarray) -> int:
 
 def write_video(path: str, num_frames: int, width: int = 64, height: int = 48, fps: float = 30,
                 codec: str = "h264") -> str:
+    """Frames 0..num_frames-1 (see make_frame); mp4 files get their index up front (`faststart`), so a truncated
+    copy still opens and announces all frames."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    container = ["-movflags", "+faststart"] if path.endswith(".mp4") else []
     command = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
-               "-r", str(fps), "-i", "-", *CODECS[codec], path]
+               "-r", str(fps), "-i", "-", *CODECS[codec], *container, path]
     frames = b"".join(make_frame(n, width, height).tobytes() for n in range(num_frames))
     subprocess.run(command, input=frames, check=True)
     return path

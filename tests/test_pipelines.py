@@ -1,0 +1,345 @@
+"""The DALI loaders on CPU, against frames decoded independently (PyAV, PIL), plus the GPU graphs serialised.
+
+Test videos (tests/videogen.py) carry their frame number in the red channel and position ramps in green (left to
+right) and blue (top to bottom), so a delivered clip tells which frames it holds, where it was cropped and whether
+it was flipped. Tolerances: PyAV decodes the video in the CPU path, so its pixels match to float rounding; DALI's
+CPU JPEG decoder and PIL agree within 2 levels; NVDEC vs PyAV (GPU test) within a mean of 3 levels (DALI
+upsamples chroma bilinearly, PyAV's rgb24 by nearest neighbour).
+"""
+import dataclasses
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import videogen
+from config import DataConfig
+from pipelines import build_loader, read_dataset, sampling
+from pipelines.loader import clip_spec, make_pipeline
+from pipelines.sources import ClipSource
+
+TEMPLATES = ["Holding [something] next to [something]", "Pushing [something] from left to right", "Dropping [something]"]
+
+
+@pytest.fixture(scope="module")
+def kinetics(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("kinetics"))
+    videogen.write_kinetics(root, "train", [
+        dict(label="a", frames=40), dict(label="b", frames=44, codec="vp9"), dict(label="a", frames=24, subfolder=True),
+        dict(label="c", frames=36, fps=15), dict(label="b", frames=10)])  # the last is shorter than a clip
+    videogen.write_kinetics(root, "val", [dict(label="c", frames=30), dict(label="a", frames=40, codec="vp9"),
+                                          dict(label="b", frames=20)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def ssv2(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ssv2"))
+    videos = [dict(id="11", template=0, frames=20), dict(id="12", template=1, frames=33),
+              dict(id="13", template=2, frames=12), dict(id="14", template=1, frames=41)]
+    videogen.write_ssv2(root, "train.json", videos, TEMPLATES)
+    videogen.write_ssv2(root, "static.json", [dict(v, id=f"s{v['id']}", static=True) for v in videos], TEMPLATES)
+    return root
+
+
+def kinetics_cfg(root, **kw):
+    base = dict(dataset="kinetics", root=root, train_list="train.csv", val_list="val.csv", test_list="val.csv",
+                num_frames=8, sampling_rate=2, target_fps=30, crop_size=32, train_jitter_scales=(40, 56),
+                color_jitter=False, device="cpu", num_threads=2, py_workers=0)
+    return DataConfig(**{**base, **kw})
+
+
+def ssv2_cfg(root, **kw):
+    base = dict(dataset="ssv2", root=root, train_list="train.json", val_list="train.json", test_list="train.json",
+                labels_file="something-something-v2-labels.json", num_frames=8, crop_size=32,
+                train_jitter_scales=(40, 56), random_flip=False, color_jitter=False, device="cpu", num_threads=2,
+                py_workers=0)
+    return DataConfig(**{**base, **kw})
+
+
+def pixels(clip, cfg):
+    """(C, T, H, W) normalised -> (T, H, W, C) in 0..255."""
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1, 1), torch.tensor(cfg.std).view(3, 1, 1, 1)
+    return ((clip.cpu() * std + mean) * 255).permute(1, 2, 3, 0).numpy()
+
+
+def frame_numbers(clip, cfg):
+    return [videogen.frame_number(frame[..., 0]) for frame in pixels(clip, cfg)]
+
+
+def expected_indices(loader, index, epoch, seed):
+    source = ClipSource(loader.dataset.videos, loader.spec, seed=seed, rank=0, world_size=1, batch_size=1)
+    return source.frame_indices(loader.dataset.videos[index], epoch, index).tolist()
+
+
+def pyav_frames(path, indices):
+    with av.open(path) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    return np.stack([frames[i] for i in indices]).astype(np.float32)
+
+
+def run_epoch(loader):
+    return [(b.index.tolist(), b.clips.clone(), b.labels.clone()) for b in loader]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kinetics
+
+
+def test_train_clips_follow_the_protocol(kinetics):
+    cfg, seed = kinetics_cfg(kinetics), 3
+    loader = build_loader(cfg, "train", batch_size=2, seed=seed)
+    assert (len(loader), loader.num_videos, loader.class_names) == (3, 5, ["a", "b", "c"])
+    orders = []
+    for epoch in range(2):
+        order = []
+        for batch in loader:
+            assert loader.epoch == epoch
+            assert batch.clips.shape[1:] == (3, 8, 32, 32) and batch.clips.dtype == torch.float32
+            assert batch.labels.dtype == torch.int64 and batch.index.dtype == torch.int64
+            for clip, label, index in zip(batch.clips, batch.labels.tolist(), batch.index.tolist()):
+                assert label == loader.videos[index][1]
+                assert frame_numbers(clip, cfg) == expected_indices(loader, index, epoch, seed)
+                ramps = pixels(clip, cfg)[..., 1:]  # green and blue: where the crop is
+                assert np.abs(ramps - ramps[:1]).mean() < 1.5, "every frame must have the same crop"
+                green = ramps[..., 0].mean(axis=(0, 1))  # per column
+                mirror = sampling.train_spatial(seed, epoch, index, cfg.train_jitter_scales, True, True).mirror
+                assert (green[-1] < green[0]) == bool(mirror)
+            order += batch.index.tolist()
+        assert sorted(order) == list(range(5)) and loader.last_epoch_summary()["padded"] == 1
+        orders.append(order)
+    assert orders[0] != orders[1], "each epoch is reshuffled"
+
+
+def test_val_pixels_match_pyav_h264_and_vp9(kinetics):
+    # crop = short side of the 64x48 videos: no resize, the centre crop is columns 8..55.
+    cfg = kinetics_cfg(kinetics, crop_size=48, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    loader = build_loader(cfg, "val", batch_size=2)
+    (first, second) = list(loader)
+    assert [len(first.index), len(second.index)] == [2, 1]
+    for batch in (first, second):
+        for clip, index in zip(batch.clips, batch.index.tolist()):
+            path = loader.videos[index][0]
+            video = loader.dataset.videos[index]
+            ids = sampling.kinetics_frame_indices(video.num_frames, 30, 8, 2, 30, 0.5)  # centre clip
+            expected = pyav_frames(path, ids)[:, :, 8:56]
+            normalised = (expected / 255 - np.array(cfg.mean)) / np.array(cfg.std)
+            np.testing.assert_allclose(clip.permute(1, 2, 3, 0).numpy(), normalised, atol=1e-4)
+    assert any(loader.videos[i][0].endswith(".webm") for i in first.index.tolist() + second.index.tolist())
+
+
+def test_test_views_shapes_and_order(kinetics):
+    cfg = kinetics_cfg(kinetics)
+    loader = build_loader(cfg, "test", batch_size=2, num_clips=2, num_crops=3)
+    batches = list(loader)
+    assert [tuple(b.clips.shape) for b in batches] == [(2, 6, 3, 8, 32, 32), (1, 6, 3, 8, 32, 32)]
+    for batch in batches:
+        for views, index in zip(batch.clips, batch.index.tolist()):
+            video = loader.dataset.videos[index]
+            for v, view in enumerate(views):  # clip-major: clip v // 3, crop v % 3
+                ids = sampling.kinetics_frame_indices(video.num_frames, 30, 8, 2, 30, (v // 3) / 2)
+                assert frame_numbers(view, cfg) == ids.tolist()
+            green = [pixels(view, cfg)[..., 1].mean() for view in views[:3]]
+            assert green[0] < green[1] < green[2], "left, centre, right crops of the landscape frames"
+
+
+def test_color_jitter_matches_reference(kinetics):
+    seed = 5
+    plain = run_epoch(build_loader(kinetics_cfg(kinetics), "train", batch_size=2, seed=seed))
+    jittered = run_epoch(build_loader(kinetics_cfg(kinetics, color_jitter=True), "train", batch_size=2, seed=seed))
+    applied = 0
+    for (index, clips, _), (index_j, clips_j, _) in zip(plain, jittered):
+        assert index == index_j
+        for x, y, i in zip(clips, clips_j, index):
+            b, c, s = sampling.color_jitter_factors(seed, 0, i)
+            gray = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+            mean_gray = gray.mean(dim=(1, 2), keepdim=True)
+            expected = b * (c * (s * x + (1 - s) * gray) + (1 - c) * mean_gray)
+            torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+            applied += (b, c, s) != (1, 1, 1)
+    assert applied > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Something-Something v2
+
+
+def test_ssv2_frames_match_pil(ssv2):
+    cfg = ssv2_cfg(ssv2, crop_size=48)
+    loader = build_loader(cfg, "val", batch_size=3)
+    for batch in loader:
+        for clip, index in zip(batch.clips, batch.index.tolist()):
+            video = loader.dataset.videos[index]
+            ids = sampling.ssv2_frame_indices(video.num_frames, 8, None)
+            expected = np.stack([np.asarray(Image.open(os.path.join(video.path, f"{video.frame_prefix}_{i:06d}.jpeg")))
+                                 for i in ids])[:, :, 8:56]
+            assert np.abs(pixels(clip, cfg) - expected).max() <= 2.01
+            assert frame_numbers(clip, cfg) == ids.tolist()
+
+
+def test_ssv2_train_segments(ssv2):
+    cfg, seed = ssv2_cfg(ssv2), 7
+    loader = build_loader(cfg, "train", batch_size=4, seed=seed)
+    (batch,) = list(loader)
+    assert sorted(batch.index.tolist()) == [0, 1, 2, 3]
+    for clip, index in zip(batch.clips, batch.index.tolist()):
+        assert frame_numbers(clip, cfg) == expected_indices(loader, index, 0, seed)
+
+
+def test_rand_augment_one_policy_per_clip(ssv2):
+    # Static videos: every frame is the same image, so frames must stay identical after augmentation.
+    cfg = ssv2_cfg(ssv2, train_list="static.json", rand_augment="rand-m9-mstd0.5-inc1")
+    loader = build_loader(cfg, "train", batch_size=4, seed=1)
+    (first,) = list(loader)
+    for clip in first.clips:
+        assert torch.equal(clip, clip[:, :1].expand_as(clip))
+    (again,) = list(build_loader(cfg, "train", batch_size=4, seed=1))
+    assert torch.equal(first.clips, again.clips), "RandAugment is a function of (seed, epoch, video)"
+    (plain,) = list(build_loader(dataclasses.replace(cfg, rand_augment=""), "train", batch_size=4, seed=1))
+    assert not torch.equal(first.clips, plain.clips)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharding, determinism, resume
+
+
+def test_two_ranks_cover_every_video_once(kinetics):
+    cfg = kinetics_cfg(kinetics)
+    loaders = [build_loader(cfg, "train", batch_size=2, rank=r, world_size=2, seed=9) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == 2
+    seen = []
+    for loader in loaders:
+        batches = list(loader)
+        assert len(batches) == 2
+        seen += [i for b in batches for i in b.index.tolist()]
+    assert sorted(seen) == list(range(5))
+    assert sum(loader.last_epoch_summary()["padded"] for loader in loaders) == 3
+
+
+def test_same_seed_same_batches_and_resume(kinetics):
+    reference = build_loader(kinetics_cfg(kinetics, py_workers=2), "train", batch_size=2, seed=1)
+    epochs = [run_epoch(reference) for _ in range(2)]
+
+    def assert_same(batches, expected):
+        assert len(batches) == len(expected)
+        for (index, clips, labels), (index_e, clips_e, labels_e) in zip(batches, expected):
+            assert index == index_e and torch.equal(clips, clips_e) and torch.equal(labels, labels_e)
+
+    cfg = kinetics_cfg(kinetics)  # in-process source: results do not depend on the workers
+    resumed = build_loader(cfg, "train", batch_size=2, seed=1, start_epoch=1, start_batch=1)
+    assert len(resumed) == 2 and resumed.epoch == 1
+    assert_same(run_epoch(resumed), epochs[1][1:])
+    assert len(resumed) == 3
+
+    interrupted = build_loader(cfg, "train", batch_size=2, seed=1)
+    for _ in interrupted:
+        break  # a short epoch (max_steps_per_epoch): the next `for` is the next epoch, from its start
+    assert_same(run_epoch(interrupted), epochs[1])
+    assert interrupted.epoch == 1
+
+    other_seed = run_epoch(build_loader(cfg, "train", batch_size=2, seed=2))
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(other_seed, epochs[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """Three good videos, one that is not a video and one truncated after its first frames."""
+    root = str(tmp_path_factory.mktemp("broken"))
+    videogen.write_kinetics(root, "train", [dict(label="a", frames=12), dict(label="b", frames=40),
+                                            dict(label="a", frames=12), dict(label="b", frames=12)])
+    videogen.write_kinetics(root, "val", [dict(label="a", frames=40), dict(label="b", frames=12)])
+    names = sorted(os.listdir(os.path.join(root, "train")))
+    with open(os.path.join(root, "train", names[0]), "wb") as f:
+        f.write(np.random.default_rng(0).bytes(5000))
+    val_name = sorted(os.listdir(os.path.join(root, "val")))[0]
+    path = os.path.join(root, "val", val_name)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 3])
+    return root
+
+
+def test_bad_videos_skipped_counted_and_reported(broken, caplog):
+    cfg = kinetics_cfg(broken, max_bad_fraction=0.5)
+    loader = build_loader(cfg, "train", batch_size=2)
+    corrupt = loader.videos[0][0]
+    for _ in range(2):
+        indices = [i for b in loader for i in b.index.tolist()]
+        assert sorted(indices) == [1, 2, 3], "the bad video is dropped, never replaced"
+        assert loader.last_epoch_summary() == dict(epoch=loader.epoch, seen=4, bad=1, padded=0)
+    assert [path for path, _ in loader.bad_videos] == [corrupt]
+    assert corrupt in caplog.text
+
+    strict = build_loader(dataclasses.replace(cfg, max_bad_fraction=0.01), "train", batch_size=2)
+    with pytest.raises(RuntimeError, match="1 of 4 training videos failed"):
+        list(strict)
+
+    evaluation = build_loader(cfg, "val", batch_size=2)  # the truncated video announces 40 frames, has ~13
+    (batch,) = list(evaluation)
+    assert batch.index.tolist() == [1]
+    (path, message), = evaluation.bad_videos
+    assert path == evaluation.videos[0][0] and "stream ends" in message
+    assert evaluation.last_epoch_summary()["bad"] == 1
+
+
+def test_argument_errors(kinetics, ssv2):
+    with pytest.raises(ValueError, match="device_id"):
+        build_loader(kinetics_cfg(kinetics, device="gpu"), "train", batch_size=2)
+    with pytest.raises(ValueError, match="num_clips"):
+        build_loader(ssv2_cfg(ssv2), "test", batch_size=2, num_clips=2)
+    with pytest.raises(ValueError, match="test split"):
+        build_loader(kinetics_cfg(kinetics), "val", batch_size=2, num_crops=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU graphs
+
+
+@pytest.mark.parametrize("dataset,split", [("kinetics", "train"), ("kinetics", "val"), ("kinetics", "test"),
+                                           ("ssv2", "train"), ("ssv2", "test")])
+def test_gpu_graphs_serialize(kinetics, ssv2, dataset, split):
+    """Built with device_id=None, the GPU variants cannot run here, but serialising them checks every operator's
+    arguments and CPU/GPU placement (NVDEC and nvJPEG `mixed` decoders, GPU augmentation)."""
+    if dataset == "kinetics":
+        cfg = kinetics_cfg(kinetics, device="gpu", color_jitter=True)
+    else:
+        cfg = ssv2_cfg(ssv2, device="gpu", rand_augment="rand-m9-mstd0.5-inc1")
+    data = read_dataset(cfg, split, show_progress=False)
+    views = (2 if dataset == "kinetics" else 1, 3) if split == "test" else (1, 1)
+    spec = clip_spec(cfg, split, data, *views)
+    source = ClipSource(data.videos, spec, seed=0, rank=0, world_size=1, batch_size=2)
+    serialized = make_pipeline(source, batch_size=2, num_threads=2, py_workers=1, device_id=None).serialize()
+    assert (b"decoders__Video" if dataset == "kinetics" else b"decoders__Image") in serialized
+    assert b"mixed" in serialized
+
+
+@pytest.mark.gpu
+def test_gpu_loader_matches_pyav(kinetics):
+    cfg = kinetics_cfg(kinetics, device="gpu", crop_size=48)
+    loader = build_loader(cfg, "val", batch_size=3, device_id=0)
+    (batch,) = list(loader)
+    assert batch.clips.is_cuda and batch.labels.is_cuda
+    for clip, index in zip(batch.clips, batch.index.tolist()):
+        video = loader.dataset.videos[index]
+        ids = sampling.kinetics_frame_indices(video.num_frames, 30, 8, 2, 30, 0.5)
+        expected = pyav_frames(video.path, ids)[:, :, 8:56]
+        assert np.abs(pixels(clip, cfg) - expected).mean() < 3
+        assert frame_numbers(clip, cfg) == ids.tolist()
+
+
+@pytest.mark.gpu
+def test_gpu_train_and_ssv2(kinetics, ssv2):
+    train = build_loader(kinetics_cfg(kinetics, device="gpu", color_jitter=True), "train", batch_size=2, device_id=0)
+    assert sum(len(b.index) for b in train) == 5
+    cfg = ssv2_cfg(ssv2, device="gpu", train_list="static.json", rand_augment="rand-m9-mstd0.5-inc1")
+    (batch,) = list(build_loader(cfg, "train", batch_size=4, device_id=0))
+    assert batch.clips.is_cuda
+    for clip in batch.clips:
+        assert torch.equal(clip, clip[:, :1].expand_as(clip))
