@@ -14,6 +14,7 @@ min-distance per point, O(B*N) memory beyond the input. Three implementations sh
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from einops import rearrange
@@ -85,16 +86,33 @@ def _kcenter_batched(x: Tensor, k: int, start: Tensor) -> Tensor:
 
 
 def _kcenter_lazy(x: Tensor, k: int, start: Tensor) -> Tensor:
-    return torch.stack([_kcenter_lazy_one(x[b], k, int(start[b])) for b in range(x.shape[0])])
+    """One clip per thread, each running single-threaded ops.
+
+    The per-clip search is many small ops; splitting each over the intra-op thread pool makes every one wait at
+    a barrier for the slowest core, which on a shared machine costs more than the op. Clips in parallel keep
+    every core busy instead. torch's thread count is process-wide, so it is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or x.shape[0] == 1:
+        return torch.stack([_kcenter_lazy_one(x[b], k, int(start[b])) for b in range(x.shape[0])])
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, x.shape[0])) as pool:
+            return torch.stack(list(pool.map(lambda b: _kcenter_lazy_one(x[b], k, int(start[b])),
+                                             range(x.shape[0]))))
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _kcenter_lazy_one(x: Tensor, k: int, start: int, sync_every: int = 64, chunk: int = 64) -> Tensor:
+def _kcenter_lazy_one(x: Tensor, k: int, start: int, sync_every: int = 64, chunk: int = 64,
+                      max_prefix: int = 512) -> Tensor:
     """Exact greedy k-center for one clip on the CPU, with most distances computed as matrix products.
 
     A point's min-distance only shrinks as centers are added, so a stale value is an upper bound. Every
     `sync_every` picks all points are brought up to date with one (N, m) product against the m newest centers and
     sorted by that bound. Between syncs only a prefix of the sorted order is kept exact (against the few newer
-    centers); the prefix grows until its best value beats the stale bound of everything after it.
+    centers); the prefix grows until its best value beats the stale bound of everything after it. A prefix longer
+    than `max_prefix` (many near-equal distances, e.g. static background) triggers an early sync.
 
     Squared distances use |x|^2 - 2 x.c + |c|^2 in fp32. When several candidates are within `tol` of the best,
     they are re-ranked with float64 distances to every chosen center, so the result is the float64 greedy
@@ -107,45 +125,79 @@ def _kcenter_lazy_one(x: Tensor, k: int, start: int, sync_every: int = 64, chunk
     sq = (x * x).sum(1)
     tol = _FP32_UNIT_ROUNDOFF * math.sqrt(D + 2) * 4 * float(sq.max()) + 1e-30
     x64 = None  # float64 copy, made at the first near-tie
+    prefix = _Prefix(max_prefix + chunk, D)  # exact min-distances of order[:prefix.size], points kept contiguous
 
     picks = [start]
     synced = 0  # picks[:synced] are folded into min_dist
     min_dist = torch.full((N,), math.inf)
     for i in range(1, k):
-        if i == 1 or i - synced >= sync_every:
+        last = picks[-1]
+        if i == 1 or i - synced >= sync_every or prefix.size > max_prefix:
             new = torch.tensor(picks[synced:])
-            dist = sq[:, None] - 2 * (x @ x[new].T) + sq[new][None]  # (N, m)
+            dist = sq[:, None] - 2 * (x @ rows(x, new).T) + rows(sq, new)[None]  # (N, m)
             torch.minimum(min_dist, dist.amin(1), out=min_dist)
             min_dist[new] = -1.0
             synced = i
             bound, order = torch.sort(min_dist, descending=True, stable=True)  # stable: ties keep index order
-            exact = torch.empty(0)  # min-distance of order[:len(exact)] against all picks
-        elif len(exact):
-            last = picks[-1]
-            prefix = order[: len(exact)]
-            torch.minimum(exact, sq[prefix] - 2 * (x[prefix] @ x[last]) + sq[last], out=exact)
-            exact[prefix == last] = -1.0
-        best = float(exact.max()) if len(exact) else -math.inf
-        while len(exact) < N and float(bound[len(exact)]) >= best - 2 * tol:
-            grow = order[len(exact): len(exact) + chunk]
-            values = bound[len(exact): len(exact) + chunk].clone()
+            prefix.size = 0
+        elif prefix.size:
+            prefix.add_center(x[last], sq[last], last)
+        L = prefix.size
+        best = float(prefix.exact[:L].max()) if L else -math.inf
+        while L < N and float(bound[L]) >= best - 2 * tol:
+            grow = order[L: L + chunk]
+            points, values = rows(x, grow), bound[L: L + chunk].clone()
             if i > synced:
                 newer = torch.tensor(picks[synced:])
-                dist = sq[grow, None] - 2 * (x[grow] @ x[newer].T) + sq[newer][None]
+                dist = rows(sq, grow)[:, None] - 2 * (points @ rows(x, newer).T) + rows(sq, newer)[None]
                 torch.minimum(values, dist.amin(1), out=values)
                 values[torch.isin(grow, newer)] = -1.0
-            exact = torch.cat([exact, values])
-            best = float(exact.max())
-        near = (exact >= best - 2 * tol).nonzero().squeeze(1)
+            prefix.append(points, rows(sq, grow), grow, values)
+            L = prefix.size
+            best = max(best, float(values.max()))
+        near = (prefix.exact[:L] >= best - 2 * tol).nonzero().squeeze(1)
         if len(near) == 1:
-            picks.append(int(order[near[0]]))
+            picks.append(int(prefix.index[near[0]]))
             continue
         if x64 is None:
             x64 = x.double()
-        candidates = order[near].sort().values  # ascending index: argmax keeps the lowest on exact ties
-        d64 = torch.cdist(x64[candidates], x64[picks], compute_mode="donot_use_mm_for_euclid_dist").amin(1)
+        candidates = prefix.index[near].sort().values  # ascending index: argmax keeps the lowest on exact ties
+        d64 = torch.cdist(rows(x64, candidates), rows(x64, torch.tensor(picks)),
+                          compute_mode="donot_use_mm_for_euclid_dist").amin(1)
         picks.append(int(candidates[d64.argmax()]))
     return torch.tensor(picks, dtype=torch.int64)
+
+
+def rows(t: Tensor, index: Tensor) -> Tensor:
+    # index_select, not t[index]: advanced indexing of a few rows costs ~40x more when the intra-op thread pool
+    # shares its cores with other work (2 ms vs 50 us for 64 rows measured on a busy 2-core machine)
+    return torch.index_select(t, 0, index)
+
+
+class _Prefix:
+    """The evaluated head of the sorted order: its points (contiguous, so a step is one matrix-vector product),
+    squared norms, indices and exact min-distances. Grows by doubling; `size = 0` empties it."""
+
+    def __init__(self, capacity: int, dim: int):
+        self.points, self.sq = torch.empty(capacity, dim), torch.empty(capacity)
+        self.index, self.exact = torch.empty(capacity, dtype=torch.int64), torch.empty(capacity)
+        self.size = 0
+
+    def add_center(self, center: Tensor, center_sq: Tensor, center_index: int) -> None:
+        n = self.size
+        dist = self.sq[:n] - 2 * (self.points[:n] @ center) + center_sq
+        torch.minimum(self.exact[:n], dist, out=self.exact[:n])
+        self.exact[:n][self.index[:n] == center_index] = -1.0
+
+    def append(self, points: Tensor, sq: Tensor, index: Tensor, exact: Tensor) -> None:
+        n, m = self.size, len(index)
+        if n + m > len(self.index):
+            grow = max(n + m, 2 * len(self.index))
+            self.points = torch.cat([self.points[:n], torch.empty(grow - n, self.points.shape[1])])
+            self.sq, self.index, self.exact = (torch.cat([t[:n], t.new_empty(grow - n)])
+                                               for t in (self.sq, self.index, self.exact))
+        self.points[n:n + m], self.sq[n:n + m], self.index[n:n + m], self.exact[n:n + m] = points, sq, index, exact
+        self.size = n + m
 
 
 # ---------------------------------------------------------------------------------------------------------------
