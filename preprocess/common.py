@@ -1,0 +1,394 @@
+"""What both preprocessing scripts share: find the inputs, convert each one in a worker process with a progress
+bar, and keep `DST/manifest.csv` and `DST/failures.txt`.
+
+Outputs are atomic: a converter writes into a temporary name (`<final>.tmp-<pid>`) and renames it to the final
+name only once ffmpeg succeeded and the result was checked, so a final name that exists is a complete output
+and a kill at any moment leaves at most a temporary, which the next run removes. Temporary names never end in
+a video extension, so `find_videos` on DST does not pick them up. One run at a time per DST.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import partial
+from itertools import chain, islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol
+
+from tqdm import tqdm
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv",
+                              ".3gp", ".ogv"})
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_FIELDS = ("path", "frames", "fps", "width", "height")
+FAILURES_NAME = "failures.txt"
+# -progress: ffmpeg reports on stdout the end time of what it wrote, which the truncation check needs.
+FFMPEG_GLOBAL_ARGS = ("-nostdin", "-hide_banner", "-loglevel", "error", "-filter_complex_threads", "1",
+                      "-progress", "pipe:1", "-nostats")
+FFMPEG_TIMEOUT_S = 900  # a hung ffmpeg on a malformed file fails that file instead of stalling the run
+MANIFEST_SAVE_INTERVAL_S = 120  # a killed run then re-probes at most this much work to rebuild the manifest
+_TEMP_NAME = re.compile(r"\.tmp-\d+$")
+_ADDRESS = re.compile(r" @ 0x[0-9a-f]+")  # "[h264 @ 0x55c6...]" -> "[h264]"
+
+
+class PreprocessError(Exception):
+    """One input that cannot be converted; the message says why (usually ffmpeg's own error)."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    path: str  # relative to DST, forward slashes
+    frames: int  # decoded frames (Kinetics) or JPEG files (SSv2)
+    fps: float
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Task:
+    source: str  # relative to SRC, forward slashes
+    output: str  # relative to DST, forward slashes
+
+
+@dataclass(frozen=True)
+class Result:
+    task: Task
+    status: str  # "done" | "skipped" (complete before this run) | "failed"
+    row: ManifestRow | None = None
+    error: str = ""
+
+
+class Converter(Protocol):
+    """What `run_tasks` needs from a script. Must pickle (it is sent to the worker processes)."""
+
+    src: Path
+    dst: Path
+
+    def is_complete(self, output: Path) -> bool:
+        """Whether the final output exists (it only ever appears complete)."""
+
+    def convert(self, task: Task) -> ManifestRow:
+        """Write the output of `task` atomically; raise `PreprocessError` on a bad input."""
+
+    def describe(self, task: Task) -> ManifestRow:
+        """The manifest row of an output that is complete but missing from the manifest (killed run)."""
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def find_videos(root: Path, recursive: bool = True, exclude: Path | None = None) -> list[str]:
+    """Relative paths (forward slashes, sorted) of the video files under `root`, by extension.
+
+    Args:
+        exclude: a folder not to descend into (DST when it lies inside SRC).
+    """
+    root = Path(root)
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    found = []
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if recursive and (Path(folder, d).resolve() != exclude))
+        found += [Path(folder, name).relative_to(root).as_posix() for name in filenames
+                  if Path(name).suffix.lower() in VIDEO_EXTENSIONS]
+    return sorted(found)
+
+
+def temp_path(final: Path) -> Path:
+    """Where a worker writes `final` before renaming it; the pid keeps concurrent workers apart."""
+    return final.with_name(f"{final.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temps(folders: Iterable[Path]) -> int:
+    """Delete the temporaries a killed run left in `folders` (not recursive); returns how many."""
+    removed = 0
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            if _TEMP_NAME.search(entry.name):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def commit_file(tmp: Path, final: Path) -> None:
+    """Flush a finished temporary file to disk and rename it to its final name."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers only ever see the old or the new content."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_manifest(path: Path) -> dict[str, ManifestRow]:
+    """Rows of a manifest keyed by path; empty when the file does not exist."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != MANIFEST_FIELDS:
+            raise ValueError(f"{path}: header is {reader.fieldnames}, expected {','.join(MANIFEST_FIELDS)}")
+        rows = [ManifestRow(r["path"], int(r["frames"]), float(r["fps"]), int(r["width"]), int(r["height"]))
+                for r in reader]
+    return {row.path: row for row in rows}
+
+
+def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:
+    """Write rows sorted by path, atomically."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(MANIFEST_FIELDS)
+    for row in sorted(rows, key=lambda r: r.path):
+        writer.writerow([row.path, row.frames, round(row.fps, 6), row.width, row.height])
+    atomic_write_text(path, out.getvalue())
+
+
+class FailureLog:
+    """`DST/failures.txt`: one `source<TAB>error` line per input that failed in the latest run.
+
+    Lines are written as failures happen, so the file can be watched during a long run. Inputs that failed
+    before are retried, so the file of an earlier run is removed when a run starts.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.count = 0
+        self._file = None
+        path.unlink(missing_ok=True)
+
+    def add(self, source: Path, error: str) -> None:
+        if self._file is None:
+            self._file = open(self.path, "w")
+        self._file.write(f"{source}\t{' | '.join(error.splitlines())}\n")
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+# ------------------------------------------------------------------------------------------------- ffmpeg
+
+
+def run_command(args: list[str]) -> subprocess.CompletedProcess:
+    """Run ffmpeg/ffprobe (text output); raise `PreprocessError` with the tail of its error output if it fails."""
+    try:
+        proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                              timeout=FFMPEG_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise PreprocessError(f"{Path(args[0]).name} timed out after {FFMPEG_TIMEOUT_S} s") from None
+    if proc.returncode != 0:
+        raise PreprocessError(f"{Path(args[0]).name} exited with {proc.returncode}: {error_tail(proc.stderr)}")
+    return proc
+
+
+def error_tail(stderr: str, lines: int = 4) -> str:
+    """The last few lines of ffmpeg's error output on one line (the first ones are usually consequences)."""
+    kept = [_ADDRESS.sub("", line.strip()) for line in stderr.splitlines() if line.strip()]
+    return " | ".join(kept[-lines:]) or "no error message"
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    rate: Fraction | None  # frame rate to keep; None when the container gives none
+    duration: float | None  # seconds the container declares for the video; None when unknown
+    width: int
+    height: int
+
+
+def probe_source(path: Path) -> SourceInfo:
+    """Frame rate, declared duration and size of the first video stream; `PreprocessError` if unreadable."""
+    out = run_command(["ffprobe", "-v", "error", "-select_streams", "V:0", "-show_streams", "-show_format",
+                       "-of", "json", str(path)])
+    info = json.loads(out.stdout)
+    if not info.get("streams"):
+        raise PreprocessError("no video stream")
+    stream = info["streams"][0]
+    return SourceInfo(source_frame_rate(stream), _declared_duration(stream, info.get("format", {})),
+                      int(stream.get("width", 0)), int(stream.get("height", 0)))
+
+
+def parse_rate(text: str | None) -> Fraction | None:
+    """'30000/1001' or '29.97' -> Fraction; None for missing or zero rates ('0/0', 'N/A')."""
+    try:
+        rate = Fraction(text)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return rate if rate > 0 else None
+
+
+def source_frame_rate(stream: dict) -> Fraction | None:
+    """The rate a video plays at: the exact nominal rate when it is constant (30000/1001), else the average.
+
+    For variable-rate videos `r_frame_rate` is the finest timestamp step (it can be 90000/1), so the average
+    rate, frames / duration, is the one that keeps the frame count.
+    """
+    nominal, average = parse_rate(stream.get("r_frame_rate")), parse_rate(stream.get("avg_frame_rate"))
+    if nominal and average and abs(nominal - average) <= nominal / 100:
+        return nominal
+    rate = average or nominal
+    return rate.limit_denominator(1001) if rate else None
+
+
+def _declared_duration(stream: dict, fmt: dict) -> float | None:
+    """Video duration from the stream, else Matroska's DURATION tag, else the container's."""
+    if stream.get("duration") not in (None, "N/A"):
+        return float(stream["duration"])
+    tag = (stream.get("tags") or {}).get("DURATION")
+    if tag:
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    if fmt.get("duration") not in (None, "N/A"):
+        return float(fmt["duration"])
+    return None
+
+
+def written_seconds(progress: str) -> float:
+    """End time of the last frame ffmpeg wrote, from its `-progress pipe:1` output (0 if none)."""
+    values = re.findall(r"^out_time_us=(\d+)$", progress, flags=re.MULTILINE)
+    return int(values[-1]) / 1e6 if values else 0.0
+
+
+def check_not_truncated(frames: int, seconds: float, declared: float | None, stderr: str = "") -> None:
+    """Raise if ffmpeg wrote no frame, or clearly less time than the file declares.
+
+    ffmpeg exits with 0 on a file cut short after its header (a truncated WebM, or an MP4 with its index at the
+    front): it converts what it can read. Such an output would silently train on part of a video.
+    """
+    detail = f"; ffmpeg: {error_tail(stderr)}" if stderr.strip() else ""
+    if frames == 0:
+        raise PreprocessError(f"no frame decoded{detail}")
+    if declared and declared - seconds > max(0.5, 0.05 * declared):
+        raise PreprocessError(f"truncated: decoded {seconds:.2f} s of the {declared:.2f} s the file declares{detail}")
+
+
+def frames_per_second(nominal: Fraction | None, frames: int, seconds: float | None) -> Fraction | None:
+    """`nominal` when `frames` fill `seconds` at that rate (within 1%), else the average frames / seconds (a
+    variable-rate WebM can declare a nominal rate its timestamps do not follow)."""
+    if not seconds:
+        return nominal
+    average = Fraction(frames) / Fraction(seconds).limit_denominator(1_000_000)
+    if nominal and abs(nominal - average) <= nominal / 100:
+        return nominal
+    return average.limit_denominator(1001)
+
+
+def scale_to_short_side(short_side: int) -> dict[str, str]:
+    """`scale` filter arguments: short side of the displayed picture to `short_side`, aspect kept, the other
+    side rounded to an even number (yuv420p needs even sizes). Uses `dar`, so non-square pixels are undone
+    (add `setsar=1` after)."""
+    s = short_side
+    return {"w": f"if(gte(dar,1),2*round({s}*dar/2),{s})", "h": f"if(gte(dar,1),{s},2*round({s}/dar/2))"}
+
+
+# ---------------------------------------------------------------------------------------------------- runner
+
+
+def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, desc: str) -> int:
+    """Convert every task not complete yet, in `workers` processes, and keep the manifest and failure list.
+
+    Prints a summary; returns the exit status: 1 if any task failed, else 0.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks})
+    manifest_path = dst / MANIFEST_NAME
+    # Entries of outputs deleted since are dropped; complete outputs the manifest lacks are described again.
+    rows = {path: row for path, row in read_manifest(manifest_path).items() if converter.is_complete(dst / path)}
+    failures = FailureLog(dst / FAILURES_NAME)
+    counts = Counter()
+    pending, conflicts = _plan(converter, tasks, rows, dst)
+    counts["skipped"] = len(tasks) - len(pending) - len(conflicts)
+    last_save = time.monotonic()
+    try:
+        with tqdm(total=len(tasks), initial=counts["skipped"], desc=desc, unit="video") as bar:
+            results = _map_unordered(partial(_run_task, converter), pending, workers, bar)
+            for result in chain(conflicts, results):
+                counts[result.status] += 1
+                if result.row is not None:
+                    rows[result.row.path] = result.row
+                if result.status == "failed":
+                    failures.add(converter.src / result.task.source, result.error)
+                    bar.write(f"failed: {converter.src / result.task.source}: {result.error}")
+                if time.monotonic() - last_save > MANIFEST_SAVE_INTERVAL_S:
+                    write_manifest(manifest_path, rows.values())
+                    last_save = time.monotonic()
+    finally:  # also on Ctrl-C: what finished is kept
+        write_manifest(manifest_path, rows.values())
+        failures.close()
+    print(f"{desc}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
+          + (f" (listed in {failures.path})" if counts["failed"] else ""))
+    return 1 if counts["failed"] else 0
+
+
+def _plan(converter: Converter, tasks: list[Task], rows: dict, dst: Path) -> tuple[list[Task], list[Result]]:
+    """Tasks still to run (not complete, or complete but not in the manifest), and the sources that would
+    overwrite the output of an earlier source (e.g. `a.webm` and `a.mkv` -> `a.mp4`), as failures."""
+    pending, conflicts, claimed = [], [], {}
+    for task in tasks:
+        if task.output in claimed:
+            error = f"{task.output} is also the output of {claimed[task.output]}; rename one of them"
+            conflicts.append(Result(task, "failed", error=error))
+            continue
+        claimed[task.output] = task.source
+        if not (task.output in rows and converter.is_complete(dst / task.output)):
+            pending.append(task)
+    return pending, conflicts
+
+
+def _run_task(converter: Converter, task: Task) -> Result:
+    """One task in a worker. Any error becomes a failed result, so one bad input never stops the run."""
+    try:
+        if converter.is_complete(converter.dst / task.output):
+            return Result(task, "skipped", converter.describe(task))
+        return Result(task, "done", converter.convert(task))
+    except PreprocessError as e:
+        return Result(task, "failed", error=str(e))
+    except Exception as e:  # disk full, permissions, ...: still one file's problem, reported with its name
+        return Result(task, "failed", error=f"{type(e).__name__}: {e}")
+
+
+def _map_unordered(fn: Callable, items: list, workers: int, bar: tqdm) -> Iterator:
+    """fn(item) for every item, in `workers` processes (in this process when 1), as they finish; advances
+    `bar`. Only a few items are queued ahead, so memory does not grow with the number of videos."""
+    if workers == 1:
+        for item in items:
+            yield fn(item)
+            bar.update()
+        return
+    items = iter(items)
+    pool = ProcessPoolExecutor(workers)
+    try:
+        running = {pool.submit(fn, item) for item in islice(items, 2 * workers)}
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            running |= {pool.submit(fn, item) for item in islice(items, len(finished))}
+            for future in finished:
+                yield future.result()
+                bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)
