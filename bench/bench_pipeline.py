@@ -1,0 +1,193 @@
+"""Training clips per second: the DALI pipeline (pipelines.build_loader) against the original code's approach, a
+torch DataLoader whose workers decode with PyAV and augment with torch, on the same videos and clip spec.
+
+Both load the Kinetics training protocol: a random clip of `--num-frames` frames at `--sampling-rate`, inverse-
+uniform short-side jitter in [256, 320], random 224 crop, flip, colour jitter, normalisation, batches of
+`--batch-size`, with `--workers` decoding processes each. In each of `--rounds` alternating rounds a fresh
+loader is timed from batch `--warmup` (start-up, worker spawn and prefetched batches are not counted) until
+`--batches` more have reached the device (`--device gpu`: the baseline's batches are copied to the GPU from pinned
+memory, the pipeline's are decoded there); the median round is reported.
+
+Videos: `--videos N` synthetic 340x256 30 fps H.264 clips of 10 s (textured, moving; made once under `--work`),
+in the layout of preprocess/resize_kinetics.py with an official-format CSV.
+
+    python bench/bench_pipeline.py                      # CPU
+    python bench/bench_pipeline.py --device gpu         # a GPU node: NVDEC + GPU augmentation
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from config import DataConfig  # noqa: E402
+from pipelines import build_loader  # noqa: E402
+
+WIDTH, HEIGHT, FPS, SECONDS = 340, 256, 30, 10
+ENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-g", "30", "-pix_fmt", "yuv420p"]
+
+
+def make_videos(work: Path, count: int) -> Path:
+    """`count` textured videos under work/train/ and work/train.csv (kept between runs)."""
+    folder = work / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["label,youtube_id,time_start,time_end,split"]
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        path = folder / f"bench{i:04d}_000000_000010.mp4"
+        rows.append(f"class{i % 4},bench{i:04d},0,10,train")
+        if path.exists():
+            continue
+        texture = rng.integers(0, 256, size=(HEIGHT * 2, WIDTH * 2, 3), dtype=np.uint8)
+        y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+        command = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                   "-s", f"{WIDTH}x{HEIGHT}", "-r", str(FPS), "-i", "-", *ENCODE, str(path)]
+        process = subprocess.Popen(command, stdin=subprocess.PIPE)
+        for n in range(FPS * SECONDS):  # a panning texture with a moving gradient
+            dx, dy = (3 * n + 7 * i) % WIDTH, (2 * n) % HEIGHT
+            frame = texture[dy:dy + HEIGHT, dx:dx + WIDTH].astype(np.int16) // 2
+            frame += (((x + 4 * n) % 256) // 2).astype(np.int16)[..., None]
+            process.stdin.write(frame.clip(0, 255).astype(np.uint8).tobytes())
+        process.stdin.close()
+        if process.wait():
+            raise RuntimeError(f"ffmpeg failed on {path}")
+    (work / "train.csv").write_text("\n".join(rows) + "\n")
+    return work
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baseline: the original code's approach (PyAV in DataLoader workers, torch augmentation), restated compactly
+
+
+class PyAVClips(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], cfg: DataConfig):
+        self.paths, self.cfg = paths, cfg
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        cfg = self.cfg
+        frames = self._decode_clip(self.paths[index])  # (T, H, W, C) uint8
+        x = (frames.float() / 255 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+        x = x.permute(0, 3, 1, 2)  # (T, C, H, W)
+        lo, hi = cfg.train_jitter_scales
+        size = round(1.0 / random.uniform(1.0 / hi, 1.0 / lo))
+        h, w = x.shape[-2:]
+        new_h, new_w = (size, math.floor(w / h * size)) if h <= w else (math.floor(h / w * size), size)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        top, left = random.randint(0, new_h - cfg.crop_size), random.randint(0, new_w - cfg.crop_size)
+        x = x[..., top:top + cfg.crop_size, left:left + cfg.crop_size]
+        if random.random() < 0.5:
+            x = x.flip(-1)
+        if random.random() >= 0.2:  # colour jitter on the normalised values, as the original
+            b, c, s = (1 + random.uniform(-0.4, 0.4) for _ in range(3))
+            gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+            x = b * (c * (s * x + (1 - s) * gray) + (1 - c) * gray.mean(dim=(1, 2, 3), keepdim=True))
+        return x.permute(1, 0, 2, 3).contiguous(), index  # (C, T, H, W)
+
+    def _decode_clip(self, path):
+        cfg = self.cfg
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            fps, n = float(stream.average_rate), stream.frames
+            clip_size = cfg.sampling_rate * cfg.num_frames / cfg.target_fps * fps
+            start = random.uniform(0, max(n - clip_size, 0))
+            pts_per_frame = stream.duration / n
+            start_pts, end_pts = int(start * pts_per_frame), int((start + clip_size - 1) * pts_per_frame)
+            container.seek(max(start_pts - 1024, 0), any_frame=False, backward=True, stream=stream)
+            frames = []
+            for frame in container.decode(stream):
+                if frame.pts < start_pts:
+                    continue
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if frame.pts > end_pts:
+                    break
+        index = np.clip(np.linspace(0, clip_size - 1, cfg.num_frames), 0, len(frames) - 1).astype(np.int64)
+        return torch.from_numpy(np.stack([frames[i] for i in index]))
+
+
+def baseline_batches(paths, cfg, batch_size, workers, device):
+    loader = torch.utils.data.DataLoader(PyAVClips(paths, cfg), batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, persistent_workers=workers > 0, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+    while True:
+        for clips, _ in loader:
+            yield clips.to(device, non_blocking=True)
+
+
+def pipeline_batches(cfg, batch_size, device):
+    loader = build_loader(cfg, "train", batch_size=batch_size, device_id=device.index if device.type == "cuda" else None)
+    while True:
+        for batch in loader:
+            yield batch.clips
+
+
+def clips_per_second(batches, warmup: int, count: int, device) -> float:
+    for _ in range(warmup):
+        next(batches)
+    start, clips = time.perf_counter(), 0
+    for _ in range(count):
+        clips += len(next(batches))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clips / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--videos", type=int, default=16)
+    parser.add_argument("--work", default="/tmp/bench_pipeline")
+    parser.add_argument("--num-frames", type=int, default=32)
+    parser.add_argument("--sampling-rate", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes of each loader")
+    parser.add_argument("--threads", type=int, default=1, help="DALI CPU threads (2 cores: 2 workers + 1 thread)")
+    parser.add_argument("--batches", type=int, default=12, help="batches timed per round")
+    parser.add_argument("--warmup", type=int, default=3, help="batches before the clock starts, per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
+    args = parser.parse_args(argv)
+
+    root = make_videos(Path(args.work), args.videos)
+    cfg = DataConfig(dataset="kinetics", root=str(root), train_list="train.csv", num_frames=args.num_frames,
+                     sampling_rate=args.sampling_rate, crop_size=args.crop, device=args.device,
+                     num_threads=args.threads, py_workers=args.workers)
+    device = torch.device("cuda", 0) if args.device == "gpu" else torch.device("cpu")
+    paths = sorted(str(p) for p in (root / "train").glob("*.mp4"))
+    loaders = {"pyav_dataloader": lambda: baseline_batches(paths, cfg, args.batch_size, args.workers, device),
+               "dali_pipeline": lambda: pipeline_batches(cfg, args.batch_size, device)}
+    rates = {name: [] for name in loaders}
+    for _ in range(args.rounds):  # alternate, so that load from other processes hits both alike
+        for name, make in loaders.items():
+            batches = make()
+            rates[name].append(clips_per_second(batches, args.warmup, args.batches, device))
+            batches.close()  # stops the loader's worker processes before the next one is timed
+            print(f"{name:16s} {rates[name][-1]:7.2f} clips/s", flush=True)
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(json.dumps(dict(
+        device=args.device, clip=f"{args.num_frames}x{args.crop}x{args.crop} rate {args.sampling_rate}",
+        videos=f"{args.videos} x {WIDTH}x{HEIGHT} {FPS} fps {SECONDS} s H.264", batch_size=args.batch_size,
+        workers=args.workers, threads=args.threads, cpus=os.cpu_count(),
+        **{name: round(value, 2) for name, value in median.items()},
+        speedup=round(median["dali_pipeline"] / median["pyav_dataloader"], 2),
+        rounds={name: [round(v, 2) for v in values] for name, values in rates.items()})))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
