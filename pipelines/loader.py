@@ -91,6 +91,7 @@ class ClipLoader:
                  world_size: int, device_id: int | None, seed: int, start_epoch: int, start_batch: int,
                  num_threads: int, py_workers: int, max_bad_fraction: float):
         self.dataset, self.spec, self.split = dataset, spec, split
+        self._videos = [(video.path, video.label) for video in dataset.videos]
         self.batch_size, self.rank, self.world_size, self.device_id = batch_size, rank, world_size, device_id
         self.seed, self.num_threads, self.py_workers = seed, num_threads, py_workers
         self.max_bad_fraction = max_bad_fraction
@@ -118,7 +119,7 @@ class ClipLoader:
 
     @property
     def videos(self) -> list[tuple[str, int]]:
-        return [(video.path, video.label) for video in self.dataset.videos]
+        return self._videos
 
     @property
     def missing_videos(self) -> list[tuple[str, str]]:

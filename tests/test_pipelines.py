@@ -178,6 +178,8 @@ def test_ssv2_frames_match_pil(ssv2):
                                  for i in ids])[:, :, 8:56]
             assert np.abs(pixels(clip, cfg) - expected).max() <= 2.01
             assert frame_numbers(clip, cfg) == ids.tolist()
+    views = [b.clips for b in build_loader(cfg, "test", batch_size=3, num_crops=3)]
+    assert [tuple(v.shape) for v in views] == [(3, 3, 3, 8, 48, 48), (1, 3, 3, 8, 48, 48)]
 
 
 def test_ssv2_train_segments(ssv2):
