@@ -11,17 +11,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -108,20 +109,22 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f"{final.name}.tmp-{os.getpid()}")
 
 
-def remove_stale_temps(folders: Iterable[Path]) -> int:
-    """Delete the temporaries a killed run left in `folders` (not recursive); returns how many."""
-    removed = 0
+def remove_stale_temps(folders: Iterable[Path]) -> None:
+    """Delete the temporaries a killed run left in `folders` (not recursive).
+
+    Errors are ignored: an ffmpeg orphaned by a killed run may still be writing one, and a temporary left
+    behind is harmless (it never has a final name).
+    """
     for folder in folders:
         if not folder.is_dir():
             continue
         for entry in os.scandir(folder):
-            if _TEMP_NAME.search(entry.name):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
-                removed += 1
-    return removed
+            if not _TEMP_NAME.search(entry.name):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
 
 
 def commit_file(tmp: Path, final: Path) -> None:
@@ -176,7 +179,6 @@ class FailureLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.count = 0
         self._file = None
         path.unlink(missing_ok=True)
 
@@ -185,7 +187,6 @@ class FailureLog:
             self._file = open(self.path, "w")
         self._file.write(f"{source}\t{' | '.join(error.splitlines())}\n")
         self._file.flush()
-        self.count += 1
 
     def close(self) -> None:
         if self._file is not None:
@@ -312,7 +313,7 @@ def scale_to_short_side(short_side: int) -> dict[str, str]:
 def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, desc: str) -> int:
     """Convert every task not complete yet, in `workers` processes, and keep the manifest and failure list.
 
-    Prints a summary; returns the exit status: 1 if any task failed, else 0.
+    Prints a summary; returns the exit status: 1 if any task failed, 130 on Ctrl-C, else 0.
     """
     dst.mkdir(parents=True, exist_ok=True)
     remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks})
@@ -323,7 +324,7 @@ def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, 
     counts = Counter()
     pending, conflicts = _plan(converter, tasks, rows, dst)
     counts["skipped"] = len(tasks) - len(pending) - len(conflicts)
-    last_save = time.monotonic()
+    last_save, interrupted = time.monotonic(), False
     try:
         with tqdm(total=len(tasks), initial=counts["skipped"], desc=desc, unit="video") as bar:
             results = _map_unordered(partial(_run_task, converter), pending, workers, bar)
@@ -337,12 +338,15 @@ def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, 
                 if time.monotonic() - last_save > MANIFEST_SAVE_INTERVAL_S:
                     write_manifest(manifest_path, rows.values())
                     last_save = time.monotonic()
-    finally:  # also on Ctrl-C: what finished is kept
+    except KeyboardInterrupt:  # workers and their ffmpeg got it too and removed their temporaries
+        interrupted = True
+    finally:  # what finished is kept, also on Ctrl-C
         write_manifest(manifest_path, rows.values())
         failures.close()
     print(f"{desc}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
-          + (f" (listed in {failures.path})" if counts["failed"] else ""))
-    return 1 if counts["failed"] else 0
+          + (f" (listed in {failures.path})" if counts["failed"] else "")
+          + ("; interrupted, run again to resume" if interrupted else ""))
+    return 130 if interrupted else 1 if counts["failed"] else 0
 
 
 def _plan(converter: Converter, tasks: list[Task], rows: dict, dst: Path) -> tuple[list[Task], list[Result]]:
@@ -373,22 +377,20 @@ def _run_task(converter: Converter, task: Task) -> Result:
 
 
 def _map_unordered(fn: Callable, items: list, workers: int, bar: tqdm) -> Iterator:
-    """fn(item) for every item, in `workers` processes (in this process when 1), as they finish; advances
-    `bar`. Only a few items are queued ahead, so memory does not grow with the number of videos."""
+    """fn(item) for every item, in `workers` processes (in this process when 1), as they finish; advances `bar`."""
     if workers == 1:
         for item in items:
             yield fn(item)
             bar.update()
         return
-    items = iter(items)
-    pool = ProcessPoolExecutor(workers)
-    try:
-        running = {pool.submit(fn, item) for item in islice(items, 2 * workers)}
-        while running:
-            finished, running = wait(running, return_when=FIRST_COMPLETED)
-            running |= {pool.submit(fn, item) for item in islice(items, len(finished))}
-            for future in finished:
-                yield future.result()
-                bar.update()
-    finally:
-        pool.shutdown(cancel_futures=True)
+    # Leaving the `with` (finished, or Ctrl-C here) terminates the workers at once; what a worker killed in the
+    # middle of a video leaves is a temporary, removed by the next run.
+    with multiprocessing.Pool(workers, initializer=_ignore_interrupt) as pool:
+        for result in pool.imap_unordered(fn, items):
+            yield result
+            bar.update()
+
+
+def _ignore_interrupt() -> None:
+    """Ctrl-C is handled by the main process alone (ffmpeg, started by a worker, still stops on it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

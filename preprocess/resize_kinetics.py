@@ -6,7 +6,8 @@ Every video under SRC (mp4, webm, mkv, avi, mov, ...) is written to the same rel
 suffix .mp4: H.264 yuv420p, short side resized with the aspect kept and even sizes, constant frame rate (the
 source's unless --fps), audio dropped unless --keep-audio (then AAC). A rerun skips complete outputs.
 DST/manifest.csv lists every output (path,frames,fps,width,height); DST/failures.txt lists the inputs that could
-not be converted, with ffmpeg's error, and the exit status is then 1.
+not be converted, with ffmpeg's error, and the exit status is then 1. Run it once per split (SRC/train ->
+DST/train, ...): the pipelines read the manifest of each split folder.
 
 The encoder defaults (a keyframe every 16 frames, preset fast, crf 23, B-frames on) make a random training clip
 cheap to decode; bench/bench_encode.py measures the trade-off, see bench/RESULTS.md.

@@ -89,6 +89,14 @@ def failure_sources(dst: Path) -> set[str]:
     return {line.split("\t")[0] for line in (dst / "failures.txt").read_text().splitlines()}
 
 
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if ".tmp-" in p.name]
 
@@ -343,6 +351,8 @@ def test_killed_run_resumes_to_a_complete_output(tmp_path, script):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the script, its workers and their ffmpeg
         proc.wait()
+        while process_group_alive(proc.pid):  # ffmpeg children die a moment later
+            time.sleep(0.01)
     main = resize_kinetics.main if script == "resize_kinetics" else ssv2_to_frames.main
     expected = [f"{i}.mp4" if script == "resize_kinetics" else str(i) for i in range(6)]
     finals = sorted(p.name for p in dst.iterdir() if p.name in expected)
