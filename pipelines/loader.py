@@ -84,14 +84,15 @@ def make_pipeline(source: ClipSource, batch_size: int, num_threads: int, py_work
 
 
 class ClipLoader:
-    """One `for` = one epoch. Rows that are padding or failed to decode are removed from the batch, so a batch
-    may be smaller than batch_size (even empty); `bad_videos` and `last_epoch_summary()` keep the record."""
+    """One `for` = one epoch of len(loader) batches on every rank. Rows that are padding or failed to decode are
+    removed from their batch, so a batch may be smaller than batch_size, even empty (it is still yielded, to keep
+    the ranks in step); `bad_videos` and `last_epoch_summary()` keep the record."""
 
     def __init__(self, dataset: VideoDataset, spec: ClipSpec, *, split: str, batch_size: int, rank: int,
                  world_size: int, device_id: int | None, seed: int, start_epoch: int, start_batch: int,
                  num_threads: int, py_workers: int, max_bad_fraction: float):
         self.dataset, self.spec, self.split = dataset, spec, split
-        self._videos = [(video.path, video.label) for video in dataset.videos]
+        self.videos = [(video.path, video.label) for video in dataset.videos]  # `Batch.index` points here
         self.batch_size, self.rank, self.world_size, self.device_id = batch_size, rank, world_size, device_id
         self.seed, self.num_threads, self.py_workers = seed, num_threads, py_workers
         self.max_bad_fraction = max_bad_fraction
@@ -116,10 +117,6 @@ class ClipLoader:
     @property
     def class_names(self) -> list[str]:
         return self.dataset.class_names
-
-    @property
-    def videos(self) -> list[tuple[str, int]]:
-        return self._videos
 
     @property
     def missing_videos(self) -> list[tuple[str, str]]:
