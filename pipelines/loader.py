@@ -63,6 +63,8 @@ def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: in
 def clip_spec(cfg, split: str, dataset: VideoDataset, num_clips: int = 1, num_crops: int = 1) -> ClipSpec:
     """What the source produces and the graph does for `split`, from the DataConfig."""
     train = split == "train"
+    if train and dataset.frames and cfg.random_flip:
+        raise ValueError("data.random_flip must be false for ssv2: its classes name left and right")
     augment = sampling.parse_rand_augment(cfg.rand_augment) if train else None
     reader = "jpeg" if dataset.frames else "nvdec" if cfg.device == "gpu" else "pyav"
     return ClipSpec(

@@ -296,6 +296,8 @@ def test_argument_errors(kinetics, ssv2):
         build_loader(kinetics_cfg(kinetics, device="gpu"), "train", batch_size=2)
     with pytest.raises(ValueError, match="num_clips"):
         build_loader(ssv2_cfg(ssv2), "test", batch_size=2, num_clips=2)
+    with pytest.raises(ValueError, match="random_flip"):
+        build_loader(ssv2_cfg(ssv2, random_flip=True), "train", batch_size=2)
     with pytest.raises(ValueError, match="test split"):
         build_loader(kinetics_cfg(kinetics), "val", batch_size=2, num_crops=3)
 
