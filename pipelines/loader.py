@@ -107,7 +107,8 @@ class ClipLoader:
         self._skip = start_batch  # batches skipped at the start of the upcoming epoch (resume)
         self._iterator = None  # (DALI iterator, pipeline), built by the first `for` of a run of epochs
         self._started = False
-        self._bad: dict[str, str] = {}
+        self.bad_videos: list[tuple[str, str]] = []  # (path, error) of each video that failed, all epochs
+        self._bad_paths: set[str] = set()
         self._summary: dict = {}
 
     # -- public API ---------------------------------------------------------------------------------------------
@@ -124,10 +125,6 @@ class ClipLoader:
     def missing_videos(self) -> list[tuple[str, str]]:
         """(path, "annotation:line") of annotated videos left out because they are missing (allow_missing)."""
         return list(self.dataset.missing)
-
-    @property
-    def bad_videos(self) -> list[tuple[str, str]]:
-        return list(self._bad.items())
 
     def last_epoch_summary(self) -> dict:
         return dict(self._summary)
@@ -176,7 +173,7 @@ class ClipLoader:
         counts["padded"] += int((status == PADDING).sum())
         for row in (status == BAD).nonzero().reshape(-1).tolist():
             counts["bad"] += 1
-            self._record_bad(int(index[row]), bytes(out["message"][row].cpu().numpy()).rstrip(b"\0").decode())
+            self._record_bad(int(index[row]), bytes(out["message"][row].cpu().numpy()).rstrip(b"\0").decode(errors="replace"))
         clips, labels = out["clips"], out["labels"].reshape(-1).to(torch.int64)
         keep = status == OK
         if not bool(keep.all()):
@@ -186,8 +183,9 @@ class ClipLoader:
 
     def _record_bad(self, index: int, message: str) -> None:
         path = self.dataset.videos[index].path
-        if path not in self._bad:
-            self._bad[path] = message
+        if path not in self._bad_paths:
+            self._bad_paths.add(path)
+            self.bad_videos.append((path, message))
             log.warning("cannot decode %s (%s): skipped%s", path, message,
                         "" if self.split == "train" else "; it is excluded from the evaluation")
 
