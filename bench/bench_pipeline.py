@@ -130,7 +130,8 @@ def baseline_batches(paths, cfg, batch_size, workers, device):
 
 
 def pipeline_batches(cfg, batch_size, device):
-    loader = build_loader(cfg, "train", batch_size=batch_size, device_id=device.index if device.type == "cuda" else None)
+    device_id = device.index if device.type == "cuda" else None
+    loader = build_loader(cfg, "train", batch_size=batch_size, device_id=device_id)
     while True:
         for batch in loader:
             yield batch.clips

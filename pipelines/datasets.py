@@ -95,7 +95,8 @@ def _kinetics_rows(path: str) -> list[tuple[int, str, str]]:
             try:
                 stem = f"{youtube_id}_{int(float(start)):06d}_{int(float(end)):06d}"
             except ValueError:
-                raise ValueError(f"{path}:{line}: time_start/time_end must be numbers, got {start!r}, {end!r}") from None
+                raise ValueError(f"{path}:{line}: time_start/time_end must be numbers, got {start!r}, {end!r}") \
+                    from None
             rows.append((line, label, stem))
     return rows
 

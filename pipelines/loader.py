@@ -173,7 +173,8 @@ class ClipLoader:
         counts["padded"] += int((status == PADDING).sum())
         for row in (status == BAD).nonzero().reshape(-1).tolist():
             counts["bad"] += 1
-            self._record_bad(int(index[row]), bytes(out["message"][row].cpu().numpy()).rstrip(b"\0").decode(errors="replace"))
+            message = bytes(out["message"][row].cpu().numpy()).rstrip(b"\0").decode(errors="replace")
+            self._record_bad(int(index[row]), message)
         clips, labels = out["clips"], out["labels"].reshape(-1).to(torch.int64)
         keep = status == OK
         if not bool(keep.all()):

@@ -71,8 +71,8 @@ def test_unknown_label_names_file_and_line(kinetics, tmp_path):
 
 
 def test_video_list(kinetics, tmp_path):
-    files = sorted(os.path.relpath(os.path.join(d, f), kinetics) for d, _, fs in os.walk(os.path.join(kinetics, "train"))
-                   for f in fs)
+    train = os.path.join(kinetics, "train")
+    files = sorted(os.path.relpath(os.path.join(d, f), kinetics) for d, _, fs in os.walk(train) for f in fs)
     (tmp_path / "train.txt").write_text(f"{files[0]} 3\n\n{files[1]} 0\n")
     cfg = DataConfig(dataset="list", root=kinetics, train_list=str(tmp_path / "train.txt"), device="cpu")
     data = read_dataset(cfg, "train", show_progress=False)

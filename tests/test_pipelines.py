@@ -21,7 +21,8 @@ from pipelines import build_loader, read_dataset, sampling
 from pipelines.loader import clip_spec, make_pipeline
 from pipelines.sources import ClipSource
 
-TEMPLATES = ["Holding [something] next to [something]", "Pushing [something] from left to right", "Dropping [something]"]
+TEMPLATES = ["Holding [something] next to [something]", "Pushing [something] from left to right",
+             "Dropping [something]"]
 
 
 @pytest.fixture(scope="module")
