@@ -7,7 +7,9 @@ CPU JPEG decoder and PIL agree within 2 levels; NVDEC vs PyAV (GPU test) within 
 upsamples chroma bilinearly, PyAV's rgb24 by nearest neighbour).
 """
 import dataclasses
+import io
 import os
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -19,7 +21,7 @@ import videogen
 from config import DataConfig
 from pipelines import build_loader, read_dataset, sampling
 from pipelines.loader import clip_spec, make_pipeline
-from pipelines.sources import ClipSource
+from pipelines.sources import BAD, OK, ClipSource
 
 TEMPLATES = ["Holding [something] next to [something]", "Pushing [something] from left to right",
              "Dropping [something]"]
@@ -323,6 +325,24 @@ def test_gpu_graphs_serialize(kinetics, ssv2, dataset, split):
     serialized = make_pipeline(source, batch_size=2, num_threads=2, py_workers=1, device_id=None).serialize()
     assert (b"decoders__Video" if dataset == "kinetics" else b"decoders__Image") in serialized
     assert b"mixed" in serialized
+
+
+def test_gpu_source_sends_encoded_video_and_marks_bad_files(broken):
+    """The GPU-mode source (run here without the graph): encoded bytes + frame indices for NVDEC, a decodable
+    placeholder and a message for a file that does not demux."""
+    cfg = kinetics_cfg(broken, device="gpu")
+    data = read_dataset(cfg, "train", show_progress=False)
+    source = ClipSource(data.videos, clip_spec(cfg, "train", data), seed=0, rank=0, world_size=1, batch_size=4)
+    rows = {}
+    for position in range(4):
+        row = dict(zip(source.spec.output_names(), source(SimpleNamespace(epoch_idx=0, idx_in_epoch=position))))
+        rows[int(row["index"])] = row
+    good, bad = rows[1], rows[0]
+    assert int(good["status"]) == OK and good["encoded"].tobytes() == open(data.videos[1].path, "rb").read()
+    assert good["frame_ids"].tolist() == source.frame_indices(data.videos[1], 0, 1).tolist()
+    assert int(bad["status"]) == BAD and bytes(bad["message"]).rstrip(b"\0")
+    with av.open(io.BytesIO(bad["encoded"].tobytes())) as placeholder:
+        assert placeholder.streams.video[0].frames > 0
 
 
 @pytest.mark.gpu
