@@ -1,0 +1,94 @@
+"""Synthetic demo dataset in the Kinetics layout, made once and cached.
+
+    python preprocess/make_demo_data.py data/demo        # train.py calls this when data.generate_demo is set
+
+Four classes that no single frame can tell apart: a textured square drifts left, right, up or down over a
+textured background, starting anywhere. The raw clips (varied sizes, 15 fps, H.264) go through
+preprocess/resize_kinetics.py like real Kinetics videos, and the annotations are written in the official
+Kinetics CSV format, so the demo exercises the same preprocessing, pipeline, model and training code.
+
+Layout under ROOT (= data.root of configs/demo.yaml): raw/{train,val}/*.mp4 (sources), {train,val}/*.mp4 with
+{train,val}/manifest.csv (from resize_kinetics), annotations/{train,val}.csv, and a `.complete` marker last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+CLASSES = ("drifting down", "drifting left", "drifting right", "drifting up")
+DIRECTIONS = {"drifting down": (0, 1), "drifting left": (-1, 0), "drifting right": (1, 0), "drifting up": (0, -1)}
+SIZES = ((96, 72), (72, 96), (80, 80), (112, 72))  # (width, height): landscape, portrait, square, wide
+FPS, FRAMES = 15, 40
+
+
+def demo_frames(label: str, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """(FRAMES, H, W, 3) uint8: a square with its own texture drifting over a fixed textured background."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    f = rng.uniform(0.05, 0.2, size=(3, 2))
+    phase = rng.uniform(0, 6.3, size=3)
+    background = np.stack([np.sin(x * f[c, 0] + y * f[c, 1] + phase[c]) for c in range(3)], -1) * 50 + 100
+    side = 20
+    patch = rng.uniform(150, 255, size=(side, side, 3)) * (np.indices((side, side)).sum(0) % 4 < 2)[..., None]
+    dx, dy = DIRECTIONS[label]
+    speed = rng.uniform(1.5, 2.5)
+    x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
+    frames = np.empty((FRAMES, height, width, 3), np.uint8)
+    for t in range(FRAMES):
+        img = background.copy()
+        px = int(x0 + dx * speed * t) % (width - side)  # wraps at the border: position alone says nothing
+        py = int(y0 + dy * speed * t) % (height - side)
+        img[py:py + side, px:px + side] = np.where(patch > 0, patch, img[py:py + side, px:px + side])
+        frames[t] = np.clip(img + rng.normal(0, 4, img.shape), 0, 255)
+    return frames
+
+
+def encode_h264(path: str, frames: np.ndarray) -> None:
+    height, width = frames.shape[1:3]
+    cmd = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+           "-r", str(FPS), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
+    subprocess.run(cmd, input=frames.tobytes(), check=True)
+
+
+def make_demo_dataset(root: str, videos_per_class: dict | None = None, seed: int = 0) -> None:
+    """Write the demo dataset under `root` unless `root/.complete` exists."""
+    if os.path.exists(os.path.join(root, ".complete")):
+        return
+    videos_per_class = videos_per_class or {"train": 40, "val": 10}
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    for split, count in videos_per_class.items():
+        raw = os.path.join(root, "raw", split)
+        shutil.rmtree(raw, ignore_errors=True)
+        os.makedirs(raw)
+        rows = ["label,youtube_id,time_start,time_end,split"]
+        for i in range(count * len(CLASSES)):
+            label = CLASSES[i % len(CLASSES)]
+            video_id = f"demo{split[0]}{i:05d}"
+            width, height = SIZES[rng.integers(len(SIZES))]
+            encode_h264(os.path.join(raw, f"{video_id}_000000_000003.mp4"), demo_frames(label, rng, width, height))
+            rows.append(f"{label},{video_id},0,3,{split}")
+        with open(os.path.join(root, "annotations", f"{split}.csv"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+        resize = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resize_kinetics.py")
+        subprocess.run([sys.executable, resize, raw, os.path.join(root, split), "--short-side", "64"], check=True)
+    with open(os.path.join(root, ".complete"), "w") as f:
+        f.write("ok\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root")
+    parser.add_argument("--train-per-class", type=int, default=40)
+    parser.add_argument("--val-per-class", type=int, default=10)
+    args = parser.parse_args(argv)
+    make_demo_dataset(args.root, {"train": args.train_per_class, "val": args.val_per_class})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""DDP training of the K-center ViT.
+
+    python train.py --config configs/demo.yaml                          # one process
+    torchrun --nproc_per_node=8 train.py --config configs/kcenter_vit_kinetics.yaml train.out_dir=runs/k400
+
+Batches come from the DALI loader already on the device; the model's K-center step runs there. Checkpoints are
+written atomically to out_dir/last.pt (each epoch, and every train.save_every_steps optimizer steps) and
+best.pt; a run restarted with the same out_dir resumes from last.pt and continues exactly as if never stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from config import Config, load_config
+from models import build_model
+from pipelines import build_loader
+from vis import draw_sampled_patches
+
+log = logging.getLogger("kcenter")
+
+
+def setup_distributed(cfg: Config):
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (1 process without them); NCCL on GPU, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.data.device == "gpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("data.device is 'gpu' but CUDA is not available; run with data.device=cpu")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def setup_logging(out_dir: str, rank: int) -> None:
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(out_dir, "train.log")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+
+def autocast_dtype(cfg: Config, device: torch.device):
+    """bf16/fp16 autocast on GPU; CPU runs fp32 whatever the config says (CPU half precision is slow)."""
+    if device.type != "cuda" or cfg.train.precision == "fp32":
+        return None
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+
+
+def accumulation_steps(cfg: Config, world: int) -> int:
+    per_step = cfg.train.micro_batch_size * world
+    if cfg.train.batch_size % per_step:
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} is not a multiple of micro_batch_size x world "
+                         f"size = {cfg.train.micro_batch_size} x {world}")
+    return cfg.train.batch_size // per_step
+
+
+def build_schedule(optimizer, cfg: Config, steps_per_epoch: int):
+    """Linear warmup then cosine from train.lr to train.min_lr, stepped every optimizer step."""
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warmup = round(cfg.train.warmup_epochs * steps_per_epoch)
+    floor = cfg.train.min_lr / cfg.train.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save to a temp file in the same folder, then os.replace: a kill leaves the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None, scaler=None) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+        if obj is not None and ckpt.get(key) is not None:
+            obj.load_state_dict(ckpt[key])
+    return ckpt
+
+
+def gather_rng_states(world: int) -> list:
+    """Every rank's RNG state (dropout, K-center starts), so a resume restores each rank's own stream."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+class Trainer:
+    """Holds what one training run needs; the loop itself is `train_one_epoch`."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.accum = accumulation_steps(cfg, world)
+        self.amp_dtype = autocast_dtype(cfg, device)
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std))).to(device)
+        self.ddp = DistributedDataParallel(self.model) if world > 1 else self.model
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr,
+                                           betas=cfg.train.betas)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.last_path = os.path.join(cfg.train.out_dir, "last.pt")
+        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False) \
+            if os.path.exists(self.last_path) else {}
+        self.epoch, self.batch_in_epoch = ckpt.get("epoch", 0), ckpt.get("batch_in_epoch", 0)
+        self.step, self.best_top1 = ckpt.get("step", 0), ckpt.get("best_top1", -1.0)
+
+        self.train_loader = self._loader("train", self.epoch, self.batch_in_epoch)
+        batches = len(self.train_loader) + self.batch_in_epoch  # a whole epoch, also when resuming inside one
+        self.steps_per_epoch = max(1, batches // self.accum)
+        if cfg.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        self.scheduler = build_schedule(self.optimizer, cfg, self.steps_per_epoch)
+        self.val_loader = self._loader("val", 0, 0) if cfg.data.val_list else None
+        self.writer = self._tensorboard() if rank == 0 else None
+
+        torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout and K-center starts
+        if ckpt:
+            self._restore(ckpt)
+
+    def _loader(self, split: str, start_epoch: int, start_batch: int):
+        size = self.cfg.train.micro_batch_size
+        return build_loader(self.cfg.data, split, batch_size=size, rank=self.rank, world_size=self.world,
+                            device_id=self.device.index if self.device.type == "cuda" else None,
+                            seed=self.cfg.train.seed, start_epoch=start_epoch, start_batch=start_batch)
+
+    def _restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if len(ckpt["rng"]) == self.world:
+            set_rng_state(ckpt["rng"][self.rank])
+        else:
+            log.warning("%s holds RNG states of %d ranks, this run has %d: dropout/K-center streams restart "
+                        "from the seed", self.last_path, len(ckpt["rng"]), self.world)
+        log.info("resumed from %s: epoch %d, batch %d, optimizer step %d", self.last_path, self.epoch,
+                 self.batch_in_epoch, self.step)
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(os.path.join(self.cfg.train.out_dir, "tensorboard"))
+
+    def checkpoint_state(self, epoch: int, batch_in_epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler and self.scaler.state_dict(),
+                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step, "best_top1": self.best_top1,
+                "rng": gather_rng_states(self.world), "config": self.cfg.to_dict()}
+
+    def save(self, epoch: int, batch_in_epoch: int, best: bool = False) -> None:
+        state = self.checkpoint_state(epoch, batch_in_epoch)  # collective: every rank takes part
+        if self.rank == 0:
+            save_checkpoint(self.last_path, state)
+            if best:
+                save_checkpoint(os.path.join(self.cfg.train.out_dir, "best.pt"), state)
+
+    def forward_loss(self, clips, labels):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+            logits = self.ddp(clips)
+            # sum over the rows present / nominal micro batch: a batch that lost a bad video still counts its
+            # samples at the same weight, and an empty one still runs forward/backward (DDP needs every rank)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing,
+                                   reduction="sum") / self.cfg.train.micro_batch_size
+        return loss, logits
+
+    def optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.train.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+
+def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
+    cfg, model = tr.cfg, tr.ddp
+    model.train()
+    steps_left = tr.steps_per_epoch - first_batch // tr.accum
+    bar = tqdm(total=steps_left, desc=f"epoch {epoch}", disable=tr.rank != 0, dynamic_ncols=True)
+    sums = {"loss": 0.0, "clips": 0, "wait": 0.0}
+    start = time.perf_counter()
+    batches = iter(tr.train_loader)
+    batch_index, done_steps = first_batch, 0
+    while done_steps < steps_left:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        sums["wait"] += time.perf_counter() - t0
+        if batch is None:
+            break
+        batch_index += 1
+        last_micro = batch_index % tr.accum == 0
+        with model.no_sync() if tr.world > 1 and not last_micro else nullcontext():
+            loss, _ = tr.forward_loss(batch.clips, batch.labels)
+            (tr.scaler.scale(loss) if tr.scaler else loss).backward()
+        sums["loss"] += loss.item()
+        sums["clips"] += len(batch.labels)
+        if not last_micro:
+            continue
+        tr.optimizer_step()
+        done_steps += 1
+        bar.update(1)
+        if tr.writer and tr.step % cfg.train.log_every_steps == 0:
+            elapsed = time.perf_counter() - start
+            tr.writer.add_scalar("train/loss", sums["loss"] / (done_steps * tr.accum), tr.step)
+            tr.writer.add_scalar("train/lr", tr.optimizer.param_groups[0]["lr"], tr.step)
+            tr.writer.add_scalar("train/clips_per_s_per_rank", sums["clips"] / elapsed, tr.step)
+            tr.writer.add_scalar("train/data_wait_fraction", sums["wait"] / elapsed, tr.step)
+            bar.set_postfix(loss=f"{sums['loss'] / (done_steps * tr.accum):.3f}")
+        if cfg.train.save_every_steps and tr.step % cfg.train.save_every_steps == 0 and done_steps < steps_left:
+            tr.save(epoch, batch_index)
+    bar.close()
+    if done_steps < steps_left or batch_index % tr.accum:
+        raise RuntimeError(f"epoch {epoch}: the loader ended after {batch_index} batches, before "
+                           f"{tr.steps_per_epoch} optimizer steps")
+    elapsed = time.perf_counter() - start
+    return {"loss": sums["loss"] / max(1, done_steps * tr.accum), "clips_per_s": sums["clips"] / elapsed,
+            "data_wait": sums["wait"] / elapsed}
+
+
+@torch.no_grad()
+def evaluate(tr: Trainer, loader) -> tuple[dict, torch.Tensor | None]:
+    """Single-view validation: top-1/top-5 over every video of the split exactly once (summed over ranks).
+
+    Also returns the first clips seen, for the picture of sampled patches."""
+    tr.ddp.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=tr.device)  # correct@1, correct@5, count
+    first_clips = None
+    for batch in tqdm(loader, desc="val", disable=tr.rank != 0, dynamic_ncols=True):
+        if first_clips is None and len(batch.labels):
+            first_clips = batch.clips[: tr.cfg.train.num_vis_clips]
+        with torch.autocast(tr.device.type, dtype=tr.amp_dtype) if tr.amp_dtype else nullcontext():
+            logits = tr.model(batch.clips)
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == batch.labels[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(hits))]).to(totals)
+    if tr.world > 1:
+        dist.all_reduce(totals)
+    correct1, correct5, count = totals.tolist()
+    metrics = {"top1": 100 * correct1 / max(count, 1), "top5": 100 * correct5 / max(count, 1), "videos": int(count)}
+    return metrics, first_clips
+
+
+@torch.no_grad()
+def log_sampled_patches(tr: Trainer, clips: torch.Tensor, epoch: int) -> None:
+    """TensorBoard image of the patches the sampler keeps on a few validation clips."""
+    # a fixed first pick: drawing it would consume the training RNG stream that a resume must replay
+    _, t_index, s_index = tr.model.select_tokens(clips, start=torch.zeros(len(clips), dtype=torch.long))
+    for i in range(len(clips)):
+        image = draw_sampled_patches(clips[i], t_index[i], s_index[i], tr.cfg.model.patch_size, tr.cfg.data.mean,
+                                     tr.cfg.data.std, tr.model.sampler.hybrid_frames.tolist())
+        tr.writer.add_image(f"sampled_patches/{i}", image, epoch, dataformats="HWC")
+
+
+def prepare_demo_data(cfg: Config, rank: int, world: int) -> None:
+    """data.generate_demo: make the synthetic demo dataset at data.root once (rank 0), cached afterwards."""
+    if not cfg.data.generate_demo:
+        return
+    if rank == 0:
+        from preprocess.make_demo_data import make_demo_dataset
+        make_demo_dataset(cfg.data.root)
+    if world > 1:
+        dist.barrier()
+
+
+def run_training(cfg: Config) -> dict:
+    rank, world, device = setup_distributed(cfg)
+    setup_logging(cfg.train.out_dir, rank)
+    if rank == 0:
+        cfg.save(os.path.join(cfg.train.out_dir, "config.yaml"))
+    prepare_demo_data(cfg, rank, world)
+    tr = Trainer(cfg, rank, world, device)
+    log.info("%d train videos, %d optimizer steps/epoch, accumulation %d, world %d, device %s, autocast %s",
+             tr.train_loader.num_videos, tr.steps_per_epoch, tr.accum, world, device, tr.amp_dtype)
+    metrics = {}
+    first_batch = tr.batch_in_epoch
+    for epoch in range(tr.epoch, cfg.train.epochs):
+        stats = train_one_epoch(tr, epoch, first_batch)
+        first_batch = 0
+        log.info("epoch %d: loss %.4f, %.1f clips/s per rank, %.0f%% waiting for data; %s", epoch, stats["loss"],
+                 stats["clips_per_s"], 100 * stats["data_wait"], tr.train_loader.last_epoch_summary())
+        best = False
+        if tr.val_loader is not None and ((epoch + 1) % cfg.train.val_every_epochs == 0 or
+                                          epoch + 1 == cfg.train.epochs):
+            metrics, vis_clips = evaluate(tr, tr.val_loader)
+            best = metrics["top1"] > tr.best_top1
+            tr.best_top1 = max(tr.best_top1, metrics["top1"])
+            log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%% on %d videos", epoch, metrics["top1"],
+                     metrics["top5"], metrics["videos"])
+            if tr.writer:
+                for key in ("top1", "top5"):
+                    tr.writer.add_scalar(f"val/{key}", metrics[key], epoch)
+                if vis_clips is not None and cfg.train.num_vis_clips:
+                    log_sampled_patches(tr, vis_clips, epoch)
+        tr.save(epoch + 1, 0, best=best or tr.val_loader is None)
+    if tr.writer:
+        tr.writer.close()
+    return metrics
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run_training(cfg)
+    if cfg.data.test_list:  # multi-view test of the best checkpoint, as eval.py would run it
+        from eval import run_eval
+        run_eval(cfg, os.path.join(cfg.train.out_dir, "best.pt"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
