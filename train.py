@@ -268,6 +268,11 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
         if cfg.train.save_every_steps and tr.step % cfg.train.save_every_steps == 0 and done_steps < steps_left:
             tr.save(epoch, batch_index)
     bar.close()
+    if not cfg.train.max_steps_per_epoch:
+        for _ in batches:  # the few batches short of a whole optimizer step: ending the epoch cleanly lets
+            pass           # the loader reuse its pipeline (an abandoned epoch costs a rebuild)
+    else:
+        batches.close()
     if done_steps < steps_left or batch_index % tr.accum:
         raise RuntimeError(f"epoch {epoch}: the loader ended after {batch_index} batches, before "
                            f"{tr.steps_per_epoch} optimizer steps")

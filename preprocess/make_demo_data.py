@@ -17,8 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from tqdm import tqdm
 
 CLASSES = ("drifting down", "drifting left", "drifting right", "drifting up")
 DIRECTIONS = {"drifting down": (0, 1), "drifting left": (-1, 0), "drifting right": (1, 0), "drifting up": (0, -1)}
@@ -27,22 +29,28 @@ FPS, FRAMES = 15, 40
 
 
 def demo_frames(label: str, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """(FRAMES, H, W, 3) uint8: a square with its own texture drifting over a fixed textured background."""
+    """(FRAMES, H, W, 3) uint8: a bright square crossing a dim textured background in the class's direction.
+
+    The start is drawn so that the square stays inside the frame for the whole video; since the start range of
+    each direction mirrors the opposite one, a frame taken at an unknown time says nothing about the class."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     f = rng.uniform(0.05, 0.2, size=(3, 2))
     phase = rng.uniform(0, 6.3, size=3)
-    background = np.stack([np.sin(x * f[c, 0] + y * f[c, 1] + phase[c]) for c in range(3)], -1) * 50 + 100
-    side = 20
-    patch = rng.uniform(150, 255, size=(side, side, 3)) * (np.indices((side, side)).sum(0) % 4 < 2)[..., None]
+    background = np.stack([np.sin(x * f[c, 0] + y * f[c, 1] + phase[c]) for c in range(3)], -1) * 20 + 60
+    side = max(8, min(width, height) // 4)
+    colour = rng.uniform(180, 255, size=3)
     dx, dy = DIRECTIONS[label]
-    speed = rng.uniform(1.5, 2.5)
-    x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
+    span_x, span_y = width - side, height - side
+    speed = min(span_x if dx else span_y, span_y if dy else span_x) / (FRAMES - 1) * rng.uniform(0.6, 1.0)
+    travel = speed * (FRAMES - 1)
+    x0 = rng.uniform(0, span_x - travel) if dx else rng.uniform(0, span_x)
+    y0 = rng.uniform(0, span_y - travel) if dy else rng.uniform(0, span_y)
+    x0, y0 = (x0 + travel if dx < 0 else x0), (y0 + travel if dy < 0 else y0)
     frames = np.empty((FRAMES, height, width, 3), np.uint8)
     for t in range(FRAMES):
         img = background.copy()
-        px = int(x0 + dx * speed * t) % (width - side)  # wraps at the border: position alone says nothing
-        py = int(y0 + dy * speed * t) % (height - side)
-        img[py:py + side, px:px + side] = np.where(patch > 0, patch, img[py:py + side, px:px + side])
+        px, py = int(round(x0 + dx * speed * t)), int(round(y0 + dy * speed * t))
+        img[py:py + side, px:px + side] = colour
         frames[t] = np.clip(img + rng.normal(0, 4, img.shape), 0, 255)
     return frames
 
@@ -58,20 +66,24 @@ def make_demo_dataset(root: str, videos_per_class: dict | None = None, seed: int
     """Write the demo dataset under `root` unless `root/.complete` exists."""
     if os.path.exists(os.path.join(root, ".complete")):
         return
-    videos_per_class = videos_per_class or {"train": 40, "val": 10}
-    rng = np.random.default_rng(seed)
+    videos_per_class = videos_per_class or {"train": 64, "val": 16}
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split, count in videos_per_class.items():
+    for split_number, (split, count) in enumerate(videos_per_class.items()):
         raw = os.path.join(root, "raw", split)
         shutil.rmtree(raw, ignore_errors=True)
         os.makedirs(raw)
-        rows = ["label,youtube_id,time_start,time_end,split"]
-        for i in range(count * len(CLASSES)):
-            label = CLASSES[i % len(CLASSES)]
-            video_id = f"demo{split[0]}{i:05d}"
+        videos = [(CLASSES[i % len(CLASSES)], f"demo{split[0]}{i:05d}") for i in range(count * len(CLASSES))]
+
+        def write_raw(i: int) -> None:  # one generator per video: the dataset does not depend on thread timing
+            rng = np.random.default_rng([seed, split_number, i])
             width, height = SIZES[rng.integers(len(SIZES))]
+            label, video_id = videos[i]
             encode_h264(os.path.join(raw, f"{video_id}_000000_000003.mp4"), demo_frames(label, rng, width, height))
-            rows.append(f"{label},{video_id},0,3,{split}")
+
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # ffmpeg runs in its own process: threads suffice
+            list(tqdm(pool.map(write_raw, range(len(videos))), total=len(videos), desc=f"demo {split} videos"))
+        rows = ["label,youtube_id,time_start,time_end,split"] + [f"{label},{video_id},0,3,{split}"
+                                                                 for label, video_id in videos]
         with open(os.path.join(root, "annotations", f"{split}.csv"), "w") as f:
             f.write("\n".join(rows) + "\n")
         resize = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resize_kinetics.py")
@@ -83,8 +95,8 @@ def make_demo_dataset(root: str, videos_per_class: dict | None = None, seed: int
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root")
-    parser.add_argument("--train-per-class", type=int, default=40)
-    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--train-per-class", type=int, default=64)
+    parser.add_argument("--val-per-class", type=int, default=16)
     args = parser.parse_args(argv)
     make_demo_dataset(args.root, {"train": args.train_per_class, "val": args.val_per_class})
     return 0

@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from config import Config, load_config
+
+
+def write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_roundtrip_and_overrides(tmp_path):
+    path = write(tmp_path, {"data": {"num_frames": 8}, "model": {"num_frames": 8, "num_tokens": 600}})
+    cfg = load_config(path, ["train.lr=3e-4", "data.mean=[0.4, 0.4, 0.4]", "model.pretrained=", "eval.num_crops=1"])
+    assert cfg.train.lr == 3e-4 and cfg.data.mean == (0.4, 0.4, 0.4) and cfg.model.pretrained == ""
+    assert cfg.eval.num_crops == 1 and cfg.data.num_frames == 8
+    cfg.save(str(tmp_path / "resolved.yaml"))
+    assert load_config(str(tmp_path / "resolved.yaml")) == cfg
+
+
+def test_paper_configs_load():
+    for name in ("kcenter_vit_kinetics", "kcenter_vit_ssv2", "demo"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert isinstance(cfg, Config)
+    k400 = load_config("configs/kcenter_vit_kinetics.yaml")
+    assert (k400.data.num_frames, k400.model.num_tokens, k400.model.num_hybrid_frames) == (32, 1568, 3)
+    assert (k400.train.batch_size, k400.train.lr, k400.train.epochs, k400.train.label_smoothing) == (256, 1e-4, 15, 0.2)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"data": {"num_frame": 8}}, "data.num_frame"),  # typo in a key
+    ({"train": {"lr": "fast"}}, "train.lr must be float"),
+    ({"train": {"epochs": 1.5}}, "train.epochs must be int"),
+    ({"data": {"random_flip": 1}}, "data.random_flip must be bool"),
+    ({"data": {"mean": [0.5, 0.5]}}, "data.mean must have 3 items"),
+    ({"optim": {"lr": 1}}, "unknown config section"),
+    ({"data": {"dataset": "imagenet"}}, "'imagenet'"),
+    ({"train": {"batch_size": 10, "micro_batch_size": 4}}, "not a multiple"),
+    ({"model": {"num_tokens": 100}}, "model.num_tokens 100"),
+    ({"data": {"num_frames": 16}}, r"model.num_frames \(32\) != data.num_frames \(16\)"),
+    ({"data": {"train_jitter_scales": [320, 256]}}, "train_jitter_scales"),
+])
+def test_bad_configs_name_the_key_or_value(tmp_path, data, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        load_config(write(tmp_path, data))
+
+
+def test_bad_overrides(tmp_path):
+    path = write(tmp_path, {})
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(path, ["lr=1"])
+    with pytest.raises(ValueError, match="train.lrr"):
+        load_config(path, ["train.lrr=1"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))

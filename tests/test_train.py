@@ -1,0 +1,175 @@
+"""train.py / eval.py end to end on CPU: demo data, 2-process DDP (gloo), kill + resume, multi-view metrics."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from eval import aggregate_views, compute_metrics
+from preprocess.make_demo_data import make_demo_dataset
+from train import build_schedule
+from config import Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {
+    "data": {"py_workers": 1, "num_threads": 1},
+    "model": {"embed_dim": 32, "depth": 1, "num_heads": 2, "num_tokens": 60},
+    "train": {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "save_every_steps": 1, "log_every_steps": 1,
+              "warmup_epochs": 0.5, "num_vis_clips": 1},
+    "eval": {"num_clips": 2, "num_crops": 3, "batch_size": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("demo") / "data")
+    make_demo_dataset(root, {"train": 3, "val": 2})  # 12 train, 8 val videos, through resize_kinetics.py
+    return root
+
+
+def write_config(tmp_path, demo_root, out_dir, **sections):
+    with open(os.path.join(REPO, "configs", "demo.yaml")) as f:
+        raw = yaml.safe_load(f)
+    for section, values in list(TINY.items()) + list(sections.items()):
+        raw[section].update(values)
+    raw["data"]["root"], raw["train"]["out_dir"] = demo_root, str(out_dir)
+    path = tmp_path / f"{os.path.basename(str(out_dir))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def run(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kw)
+
+
+def model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_aggregate_views_and_metrics_known_answer():
+    probs = torch.tensor([[[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]],    # mean 0.4 0.5 0.1 -> class 1
+                          [[0.1, 0.1, 0.8], [0.3, 0.3, 0.4]],    # -> class 2
+                          [[0.5, 0.4, 0.1], [0.5, 0.4, 0.1]]])   # -> class 0
+    scores = aggregate_views(probs).numpy()
+    assert np.allclose(scores[0], [0.4, 0.5, 0.1])
+    metrics = compute_metrics(scores, np.array([1, 0, 1]), ["a", "b", "c"])
+    assert metrics["top1"] == pytest.approx(100 / 3)
+    assert metrics["top5"] == pytest.approx(100.0)  # 3 classes: top-5 always hits
+    assert metrics["per_class_top1"] == {"a": 0.0, "b": 50.0}  # class c has no video: not averaged in
+    assert metrics["mean_class_accuracy"] == pytest.approx(25.0)
+    assert metrics["videos"] == 3
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = Config()
+    cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_epochs, cfg.train.epochs = 1.0, 0.1, 1.0, 3
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.train.lr)
+    sched = build_schedule(opt, cfg, steps_per_epoch=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[8] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0.1
+
+
+@pytest.mark.slow
+def test_demo_train_then_eval_writes_results(tmp_path, demo_root):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, demo_root, out)
+    result = run(["train.py", "--config", config], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("last.pt", "best.pt", "config.yaml", "train.log", "results.json", "predictions.csv"):
+        assert (out / name).exists(), name
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # atomic writes left no temp files
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["scored_videos"] == summary["split_videos"] == 8 and summary["excluded"] == []
+    assert summary["views"] == {"clips": 2, "crops": 3}
+    assert len((out / "predictions.csv").read_text().strip().splitlines()) == 1 + 8
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 3  # 12 videos / (2 x 2 accumulation) = 3 steps per epoch
+    assert ckpt["config"]["train"]["batch_size"] == 4
+    assert os.listdir(out / "tensorboard")
+
+    # eval.py on its own, with patch pictures
+    pictures = tmp_path / "patches"
+    result = run(["eval.py", "--config", config, "--checkpoint", str(out / "best.pt"), "--save-patches",
+                  str(pictures), "eval.num_clips=1", "eval.num_crops=1", f"eval.out_dir={tmp_path / 'ev'}"],
+                 timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["views"] == {"clips": 1, "crops": 1}
+    assert len(list(pictures.glob("*.png"))) == 8
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, demo_root):
+    config = dict(model={"drop_path_rate": 0.2})  # dropout draws random numbers: their state must resume too
+    straight = write_config(tmp_path, demo_root, tmp_path / "straight", **config)
+    killed = write_config(tmp_path, demo_root, tmp_path / "killed", **config)
+    no_test = ["data.test_list="]
+    assert run(["train.py", "--config", straight, *no_test], timeout=600).returncode == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", killed, *no_test], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once a mid-epoch checkpoint exists
+        if last.exists() and torch.load(last, weights_only=False)["step"] >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = torch.load(last, weights_only=False)
+    assert resumed_from["step"] < 6, "the run finished before it could be killed"
+
+    result = run(["train.py", "--config", killed, *no_test], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in (tmp_path / "killed" / "train.log").read_text()
+    a, b = model_state(tmp_path / "straight" / "last.pt"), model_state(last)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_ranks_identical(tmp_path, demo_root):
+    config = write_config(tmp_path, demo_root, tmp_path / "ddp", train={"batch_size": 4, "micro_batch_size": 2,
+                                                                        "epochs": 1, "save_every_steps": 0})
+    script = tmp_path / "ddp_check.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import train\n"
+        f"cfg = train.load_config({config!r}, ['data.test_list=', 'data.val_list='])\n"
+        "tr = None\n"
+        "orig = train.Trainer\n"
+        "class Keep(orig):\n"
+        "    def __init__(self, *a, **kw):\n"
+        "        global tr\n"
+        "        super().__init__(*a, **kw)\n"
+        "        tr = self\n"
+        "train.Trainer = Keep\n"
+        "train.run_training(cfg)\n"
+        "flat = torch.cat([p.detach().flatten() for p in tr.model.parameters()])\n"
+        "gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
+        "dist.all_gather(gathered, flat)\n"
+        "assert torch.equal(gathered[0], gathered[1]), 'ranks diverged'\n"
+        "assert tr.step == 3 and tr.accum == 1, (tr.step, tr.accum)\n"  # 12 videos / (2 ranks x 2) = 3 steps
+        "if dist.get_rank() == 0:\n"
+        "    open(os.path.join(cfg.train.out_dir, 'ranks_identical'), 'w').write('ok')\n")
+    result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)], timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "ddp" / "ranks_identical").exists()
