@@ -149,27 +149,32 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, demo_root):
     config = write_config(tmp_path, demo_root, tmp_path / "ddp", train={"batch_size": 4, "micro_batch_size": 2,
                                                                         "epochs": 1, "save_every_steps": 0})
     script = tmp_path / "ddp_check.py"
+    # DALI starts its source workers with "spawn", which re-imports __main__: the guard keeps them from training
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {REPO!r})\n"
         "import train\n"
-        f"cfg = train.load_config({config!r}, ['data.test_list=', 'data.val_list='])\n"
-        "tr = None\n"
-        "orig = train.Trainer\n"
-        "class Keep(orig):\n"
-        "    def __init__(self, *a, **kw):\n"
-        "        global tr\n"
-        "        super().__init__(*a, **kw)\n"
-        "        tr = self\n"
-        "train.Trainer = Keep\n"
-        "train.run_training(cfg)\n"
-        "flat = torch.cat([p.detach().flatten() for p in tr.model.parameters()])\n"
-        "gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
-        "dist.all_gather(gathered, flat)\n"
-        "assert torch.equal(gathered[0], gathered[1]), 'ranks diverged'\n"
-        "assert tr.step == 3 and tr.accum == 1, (tr.step, tr.accum)\n"  # 12 videos / (2 ranks x 2) = 3 steps
-        "if dist.get_rank() == 0:\n"
-        "    open(os.path.join(cfg.train.out_dir, 'ranks_identical'), 'w').write('ok')\n")
+        "\n"
+        "def main():\n"
+        f"    cfg = train.load_config({config!r}, ['data.test_list=', 'data.val_list='])\n"
+        "    kept = []\n"
+        "    class Keep(train.Trainer):\n"
+        "        def __init__(self, *a, **kw):\n"
+        "            super().__init__(*a, **kw)\n"
+        "            kept.append(self)\n"
+        "    train.Trainer = Keep\n"
+        "    train.run_training(cfg)\n"
+        "    tr = kept[0]\n"
+        "    flat = torch.cat([p.detach().flatten() for p in tr.model.parameters()])\n"
+        "    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
+        "    dist.all_gather(gathered, flat)\n"
+        "    assert torch.equal(gathered[0], gathered[1]), 'ranks diverged'\n"
+        "    assert tr.step == 3 and tr.accum == 1, (tr.step, tr.accum)\n"  # 12 videos / (2 ranks x 2) = 3 steps
+        "    if dist.get_rank() == 0:\n"
+        "        open(os.path.join(cfg.train.out_dir, 'ranks_identical'), 'w').write('ok')\n"
+        "\n"
+        "if __name__ == '__main__':\n"
+        "    main()\n")
     result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)], timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert (tmp_path / "ddp" / "ranks_identical").exists()
