@@ -5,12 +5,16 @@ Original approach (kami93/kcenter_video `KCenterSampler`, rewritten here as the 
 Setting: 32 frames of 14x14 patches, 3 hybrid frames -> k-center over 29*196 = 5684 patches of 768 pixels + 3
 coordinates, 1568 - 3*196 = 980 picks per clip.
 
-    python bench/bench_sampler.py                  # synthetic video clips and Gaussian points, B=8
+    python bench/bench_sampler.py                  # CPU: synthetic video clips and Gaussian points, B=8
     python bench/bench_sampler.py --batch 2 --repeats 1
+    python bench/bench_sampler.py --device cuda    # GPU: original vs PyTorch loop vs fused Triton kernel
 
-Prints the time ratio (baseline / ours, same process, alternating runs, median), the peak-memory ratio (extra
-peak RSS of a fresh process running each method once, so the input itself is not counted), and whether the picks
-are identical to the baseline's and to a float64 brute-force reference.
+Prints the time ratio (baseline / ours, same process, alternating runs, median), the peak-memory ratio (CPU: extra
+peak RSS of a fresh process running each method once, so the input itself is not counted; CUDA: peak allocated
+above the inputs), and whether the picks are identical to the baseline's and to a float64 brute-force reference.
+On CPU it also replays the fused kernel's row-skipping rule on the same picks: the share of rows it reads in full,
+which sets its memory traffic on a GPU. On CUDA it times a K-center ViT-B training step at the same batch
+(bf16 autocast, AdamW) for the sampler's share of a step.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.kcenter import kcenter_sample, patch_coordinates, patchify  # noqa: E402
+from models.kcenter import _kcenter_batched, kcenter_sample, patch_coordinates, patchify  # noqa: E402
+from models.kcenter_triton import count_full_rows, kcenter_sample_triton  # noqa: E402
 
 FRAMES, GRID, PATCH, HYBRID, TOKENS = 32, 14, 16, 3, 1568
 
@@ -97,6 +102,7 @@ def reference64(points: torch.Tensor, k: int, start: torch.Tensor) -> torch.Tens
 
 
 METHODS = {"original": original_kcenter, "ours": kcenter_sample}
+CUDA_METHODS = {"original": original_kcenter, "torch loop": _kcenter_batched, "triton": kcenter_sample_triton}
 K = TOKENS - HYBRID * GRID * GRID
 
 
@@ -116,9 +122,69 @@ def child(method: str, kind: str, batch: int) -> None:
     print((_vm_hwm_kb() - before) / 1024)
 
 
+def lower_bound_width() -> int:
+    from models.kcenter_triton import lower_bound_summary
+    return lower_bound_summary(torch.zeros(1, 1, PATCH * PATCH * 3 + 3)).shape[-1]
+
+
 def _vm_hwm_kb() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
+def cuda_time_and_memory(fn, *args, repeats: int) -> tuple[float, float, torch.Tensor]:
+    """Median seconds over `repeats` runs after a warm-up, and the peak MB allocated above what was allocated
+    before (the inputs)."""
+    out = fn(*args)  # warm-up: Triton compiles, cuBLAS picks its kernels
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        out = fn(*args)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20, out
+
+
+def vit_b_step_seconds(batch: int, repeats: int) -> float:
+    """One K-center ViT-B/16 training step (32 frames, 1568 tokens, bf16 autocast, AdamW), median seconds."""
+    from models.vit import KCenterViT
+    model = KCenterViT(num_classes=400).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    clips = torch.randn(batch, 3, FRAMES, GRID * PATCH, GRID * PATCH, device="cuda")
+    labels = torch.randint(400, (batch,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(clips).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return cuda_time_and_memory(step, repeats=repeats)[0]
+
+
+def main_cuda(args) -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={args.batch}, "
+          f"N={(FRAMES - HYBRID) * 196}, D=771, k={K}")
+    for kind in (["video", "gaussian"] if args.inputs == "both" else [args.inputs]):
+        points, start = make_inputs(kind, args.batch)
+        points, start = points.cuda(), start.cuda()
+        results = {name: cuda_time_and_memory(fn, points, K, start, repeats=args.repeats)
+                   for name, fn in CUDA_METHODS.items()}
+        t_orig, mem_orig, picks_orig = results["original"]
+        ref = reference64(points.cpu(), K, start.cpu())
+        for name, (seconds, mb, picks) in results.items():
+            same = int((picks.cpu() == ref).all(1).sum())
+            print(f"[{kind}] {name:10s} {seconds * 1e3:8.2f} ms ({t_orig / seconds:6.1f}x the original), "
+                  f"peak extra memory {mb:8.1f} MB, picks equal to the float64 reference: {same}/{args.batch}")
+    step = vit_b_step_seconds(args.batch, args.repeats)
+    print(f"K-center ViT-B training step at B={args.batch}: {step * 1e3:.1f} ms (sampler included); the fused "
+          f"kernel's share is its time above / this")
 
 
 def main() -> None:
@@ -126,10 +192,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inputs", choices=["video", "gaussian", "both"], default="both")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--child", choices=list(METHODS))
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.inputs, args.batch)
+    if args.device == "cuda":
+        return main_cuda(args)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={args.batch}, N={(FRAMES - HYBRID) * 196}, "
           f"D=771, k={K}")
@@ -152,6 +221,9 @@ def main() -> None:
         print(f"[{kind}] picks identical to the original's: {int(same_orig.sum())}/{args.batch} clips; "
               f"to the float64 reference: ours {int((picks['ours'] == ref).all(1).sum())}/{args.batch}, "
               f"original {int((picks['original'] == ref).all(1).sum())}/{args.batch}")
+        rows = count_full_rows(points, picks["ours"]).sum().item() / (args.batch * (K - 1) * points.shape[1])
+        print(f"[{kind}] fused CUDA kernel on these picks (replayed): reads {100 * rows:.1f}% of the rows of a "
+              f"full scan in full, plus a {lower_bound_width()}-value summary of every row, per pick")
 
 
 if __name__ == "__main__":

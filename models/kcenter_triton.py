@@ -10,9 +10,9 @@ values, 980 picks) that is ~4k launches. Here one launch does every pick:
   pick without a second launch.
 - Most rows are never read in full: a point's min-distance changes only if the new center is nearer than it. The
   group means of the coordinates give an exact lower bound (Cauchy-Schwarz: sum_j (x_j - c_j)^2 over a group of
-  g values >= g * (mean(x) - mean(c))^2), kept in a small (B, N, R) summary, R ~ D/16. A row whose bound is
+  g values >= g * (mean(x) - mean(c))^2), kept in a small (B, N, R) summary, R ~ D/64. A row whose bound is
   already beyond its min-distance is skipped; only the others stream their D values. On video patches (smooth
-  within a patch row) most rows are skipped; on white noise none are, and the kernel is then a plain scan.
+  within a patch) most rows are skipped; on white noise few are, and the kernel is then close to a plain scan.
 
 Distances are summed as (x - c)^2 in fp32 (fp32 or bf16/fp16 inputs), not |x|^2 - 2x.c + |c|^2, so there is no
 cancellation; the picks match the float64 greedy sequence except at near-ties (relative gaps ~1e-6).
@@ -36,7 +36,10 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     TRITON_AVAILABLE = False
 
-GROUP = 16  # values per lower-bound group: one row of a 16-pixel patch in one channel
+# Values per lower-bound group: 4 rows of a 16-pixel patch in one channel. Replayed at the paper's setting on
+# synthetic video clips (bench/RESULTS.md), groups of 8/16/32/64/128 read 5.5/8.7/13.2/17.2/15.4x fewer values per
+# pick than a full scan: a coarser summary is cheaper to read and the bound it gives is nearly as tight.
+GROUP = 64
 SLACK = 1.0 + 1e-4  # a row is skipped only if its bound beats its min-distance by more than fp32 rounding
 BLOCK_N, BLOCK_D = 64, 64
 
@@ -101,6 +104,29 @@ def kcenter_sample_triton(points: Tensor, k: int, start: Tensor, parts: int | No
         arrivals, full_rows, N, D, k, slice_len, parts, R=summary.shape[-1], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         BLOCK_P=block_p, SLACK=SLACK, COUNT_ROWS=stats is not None, num_warps=4)
     return picks
+
+
+
+@torch.no_grad()
+def count_full_rows(points: Tensor, picks: Tensor) -> Tensor:
+    """(B,) rows whose full distance the kernel computes for these picks: its skipping rule replayed in PyTorch.
+
+    The kernel's memory traffic is about (rows * D + N * R) values per step, so this predicts its speed on a given
+    kind of data without a GPU (bench/bench_sampler.py reports it at the paper's setting)."""
+    x = points.float()
+    summary = lower_bound_summary(x)
+    counts = []
+    for b in range(x.shape[0]):
+        min_dist = torch.full((x.shape[1],), math.inf)
+        count = 0
+        for last in picks[b, :-1].tolist():
+            bound = ((summary[b] - summary[b, last]) ** 2).sum(-1)
+            need = bound < min_dist * SLACK
+            count += int(need.sum())
+            min_dist = torch.where(need, torch.minimum(min_dist, ((x[b] - x[b, last]) ** 2).sum(-1)), min_dist)
+            min_dist[last] = -1.0
+        counts.append(count)
+    return torch.tensor(counts)
 
 
 if TRITON_AVAILABLE:

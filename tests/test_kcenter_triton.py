@@ -106,12 +106,13 @@ def test_interpreted_kernel_skips_rows_on_video_patches_and_stays_exact(interpre
     assert torch.equal(picks, reference_kcenter(points, k, start))
     scanned = (k - 1) * points.shape[1]  # rows a full scan computes
     assert 0 < rows.max() < 0.5 * scanned, rows.tolist()  # the bound spared more than half the rows
+    assert torch.equal(rows, kcenter_triton.count_full_rows(points, picks))  # what the benchmark replays
 
 
 def test_lower_bound_summary_bounds_every_distance():
     points = video_like_points(1, frames=2) * 3 + torch.randn(1, 18, 771)  # rough data too
     s = kcenter_triton.lower_bound_summary(points)
-    assert s.shape == (1, 18, 64)  # 48 groups of 16 pixels + 3 coordinates, padded to 64
+    assert s.shape == (1, 18, 16)  # 12 groups of 64 pixels + 3 coordinates, padded to 16
     bound = torch.cdist(s[0].double(), s[0].double()) ** 2
     exact = torch.cdist(points[0].double(), points[0].double()) ** 2
     assert (bound <= exact * (1 + 1e-6) + 1e-9).all()
@@ -128,7 +129,7 @@ from models import kcenter_triton as kt
 pointers = dict(x_ptr="*fp32", s_ptr="*fp32", start_ptr="*i32", picks_ptr="*i64", min_ptr="*fp32",
                 part_val_ptr="*fp32", part_idx_ptr="*i32", arrivals_ptr="*i32", rows_ptr="*i64")
 scalars = dict.fromkeys(["N", "D", "K", "slice_len", "P"], "i32")
-constants = dict(R=64, BLOCK_N=kt.BLOCK_N, BLOCK_D=kt.BLOCK_D, BLOCK_P=16, SLACK=kt.SLACK, COUNT_ROWS=True)
+constants = dict(R=16, BLOCK_N=kt.BLOCK_N, BLOCK_D=kt.BLOCK_D, BLOCK_P=16, SLACK=kt.SLACK, COUNT_ROWS=True)
 signature = {**pointers, **scalars, **dict.fromkeys(constants, "constexpr")}
 source = ASTSource(fn=kt._kcenter_kernel, signature=signature, constexprs=constants)
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -169,6 +169,27 @@ def test_kinetics_output_format(kinetics, name):
     assert int(out["nb_read_frames"]) == int(video_stream(src / name)["nb_read_frames"])
 
 
+def test_kinetics_keyframe_interval(kinetics):
+    _, dst, _ = kinetics
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts,flags",
+                          "-of", "csv=p=0", str(dst / "landscape/a.mp4")], check=True, capture_output=True,
+                         text=True).stdout
+    packets = sorted((int(pts), "K" in flags) for pts, flags in (line.split(",")[:2] for line in out.split()))
+    keyframes = [i for i, (_, key) in enumerate(packets) if key]  # frame indices, presentation order
+    assert keyframes[0] == 0 and len(keyframes) >= 2
+    assert max(np.diff(keyframes + [len(packets)])) <= resize_kinetics.DEFAULT_GOP
+
+
+def test_kinetics_rejects_bad_arguments(tmp_path, capsys):
+    for args in (["--short-side", "255"], ["--crf", "60"], ["--workers", "0"], ["--fps", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            resize_kinetics.main([str(tmp_path), str(tmp_path / "dst"), *args])
+        assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        resize_kinetics.main([str(tmp_path / "missing"), str(tmp_path / "dst")])
+    assert "missing" in capsys.readouterr().err
+
+
 def test_kinetics_variable_rate_becomes_constant(kinetics):
     src, dst, _ = kinetics
     out = video_stream(dst / "vfr.mp4")
