@@ -111,8 +111,9 @@ def write_results(out_dir: str, cfg: Config, checkpoint: str, results: dict, loa
     scores = np.stack([results[i][1] for i in indices]) if indices else np.zeros((0, cfg.model.num_classes))
     metrics = compute_metrics(scores, labels, loader.class_names) if indices else {"videos": 0}
     excluded = [{"path": path, "error": error} for path, error in loader.bad_videos]
+    missing = [{"path": path, "listed_at": where} for path, where in loader.missing_videos]  # data.allow_missing
     summary = {"metrics": metrics, "checkpoint": os.path.abspath(checkpoint), "split_videos": loader.num_videos,
-               "scored_videos": len(indices), "excluded": excluded,
+               "scored_videos": len(indices), "excluded": excluded, "missing": missing,
                "views": {"clips": cfg.eval.num_clips, "crops": cfg.eval.num_crops}, "config": cfg.to_dict()}
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2))
     rows = io.StringIO()

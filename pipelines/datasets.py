@@ -224,12 +224,13 @@ def read_ssv2(cfg, split: str, show_progress: bool = True) -> VideoDataset:
         entries.append((str(item["id"]), template_to_index[template], where))
 
     def count(entry):
-        video_id = entry[0]
+        video_id, _, where = entry
+        folder = os.path.join(cfg.root, video_id)
         if video_id in manifest:
-            return manifest[video_id].num_frames
-        return _count_frames(os.path.join(cfg.root, video_id), video_id, entry[2])
+            return _check_manifest_frames(folder, video_id, manifest[video_id].num_frames, where)
+        return _count_frames(folder, video_id, where)
 
-    counts = _parallel(count, entries, "frame folders", show_progress and not manifest)
+    counts = _parallel(count, entries, "frame folders", show_progress)
     videos, missing = [], []
     for (video_id, label, where), num_frames in zip(entries, counts):
         folder = os.path.join(cfg.root, video_id)
@@ -251,6 +252,18 @@ def _count_frames(folder: str, video_id: str, where: str) -> int:
             raise FileNotFoundError(f"{where}: frame {folder}/{video_id}_{i:06d}.jpeg is missing "
                                     f"({len(names)} frames in the folder)")
     return len(names)
+
+
+def _check_manifest_frames(folder: str, video_id: str, num_frames: int, where: str) -> int:
+    """The manifest's frame count, once the folder is seen to hold its first and last frame (0 if the folder is
+    gone). Two stats per video instead of a listing; a gap inside is reported when the frame is read."""
+    if num_frames <= 0 or not os.path.isdir(folder):
+        return 0
+    for i in sorted({0, num_frames - 1}):
+        if not os.path.isfile(os.path.join(folder, f"{video_id}_{i:06d}.jpeg")):
+            raise FileNotFoundError(f"{where}: frame {folder}/{video_id}_{i:06d}.jpeg is missing (the manifest "
+                                    f"{os.path.dirname(folder)}/manifest.csv lists {num_frames} frames)")
+    return num_frames
 
 
 def _load_json(path: str):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipelines import sampling
@@ -195,7 +196,20 @@ class ClipLoader:
         if counts["bad"]:
             log.warning("epoch %d (%s, rank %d): %d of %d videos could not be decoded", self.epoch, self.split,
                         self.rank, counts["bad"], counts["seen"])
-        if self.split == "train" and counts["seen"] and counts["bad"] / counts["seen"] > self.max_bad_fraction:
+        if self.split != "train":
+            return
+        seen, bad = self._count_over_ranks(counts["seen"], counts["bad"])
+        if seen and bad / seen > self.max_bad_fraction:
             raise RuntimeError(
-                f"{counts['bad']} of {counts['seen']} training videos failed to decode in epoch {self.epoch} "
-                f"(more than data.max_bad_fraction={self.max_bad_fraction}); first: {self.bad_videos[:3]}")
+                f"{bad} of {seen} training videos failed to decode in epoch {self.epoch} (more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}); first on rank {self.rank}: {self.bad_videos[:3]}")
+
+    def _count_over_ranks(self, seen: int, bad: int) -> tuple[int, int]:
+        """Epoch totals over all ranks, so that every rank takes the same decision: a rank raising alone would
+        leave the others waiting in their next collective. Every rank ends its epoch after the same batch."""
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return seen, bad
+        device = torch.device("cuda", self.device_id) if self.spec.device == "gpu" else torch.device("cpu")
+        totals = torch.tensor([seen, bad], dtype=torch.int64, device=device)
+        dist.all_reduce(totals)
+        return tuple(totals.tolist())

@@ -148,6 +148,9 @@ class ClipSource:
             data = np.fromfile(path, dtype=np.uint8)
             if data.size < 4 or data[0] != 0xFF or data[1] != 0xD8:
                 raise _BadVideo(f"not a JPEG file: {path}")
+            if b"\xff\xd9" not in data[-32:].tobytes():
+                # a truncated JPEG would fail the decoder's whole batch; its end-of-image marker is missing
+                raise _BadVideo(f"truncated JPEG file (no end-of-image marker): {path}")
             frames.append(data)
         return tuple(frames)
 

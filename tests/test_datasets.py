@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -111,6 +112,24 @@ def test_ssv2_labels_frames_and_errors(tmp_path):
         json.dump([{"id": "7", "template": "Juggling [something]"}], f)
     with pytest.raises(ValueError, match=r"unknown\.json:item 1 \(id 7\).*Juggling something"):
         read_dataset(ssv2_cfg(root, "unknown.json"), "train", show_progress=False)
+
+
+def test_ssv2_manifest_still_checks_the_folders(tmp_path):
+    # preprocess/ssv2_to_frames.py writes a manifest: frame counts come from it, but a folder that lost frames or
+    # was deleted must still fail before training, not in the middle of it
+    root = str(tmp_path)
+    videogen.write_ssv2(root, "train.json", [dict(id="7", template=1, frames=5), dict(id="9", template=0, frames=3)],
+                        TEMPLATES)
+    with open(os.path.join(root, "manifest.csv"), "w") as f:
+        f.write("path,frames,fps,width,height\n7,5,12.0,32,32\n9,3,12.0,32,32\n")
+    assert [v.num_frames for v in read_dataset(ssv2_cfg(root), "train", show_progress=False).videos] == [5, 3]
+
+    os.remove(os.path.join(root, "7", "7_000004.jpeg"))  # the last frame the manifest promises
+    with pytest.raises(FileNotFoundError, match=r"train\.json:item 1 \(id 7\).*7_000004\.jpeg.*manifest"):
+        read_dataset(ssv2_cfg(root), "train", show_progress=False)
+    shutil.rmtree(os.path.join(root, "7"))
+    with pytest.raises(FileNotFoundError, match=r"train\.json:item 1 \(id 7\)"):
+        read_dataset(ssv2_cfg(root), "train", show_progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ upsamples chroma bilinearly, PyAV's rgb24 by nearest neighbour).
 import dataclasses
 import io
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import av
@@ -292,6 +294,65 @@ def test_bad_videos_skipped_counted_and_reported(broken, caplog):
     (path, message), = evaluation.bad_videos
     assert path == evaluation.videos[0][0] and message  # FFmpeg error or "the stream ends at frame ..."
     assert evaluation.last_epoch_summary()["bad"] == 1
+
+
+def test_ssv2_truncated_jpeg_is_skipped_and_missing_frame_stops(tmp_path):
+    root = str(tmp_path)
+    videogen.write_ssv2(root, "train.json", [dict(id="21", template=0, frames=16), dict(id="22", template=1, frames=16),
+                                             dict(id="23", template=2, frames=16)], TEMPLATES)
+    frame = os.path.join(root, "22", "22_000007.jpeg")
+    data = open(frame, "rb").read()
+    with open(frame, "wb") as f:  # cut mid-scan: the decoder would fail the whole batch
+        f.write(data[: len(data) // 2])
+    cfg = ssv2_cfg(root, max_bad_fraction=0.5)
+    loader = build_loader(cfg, "val", batch_size=3)  # the middle frame of segment 3 of 8 is frame 7
+    (batch,) = list(loader)
+    assert sorted(batch.index.tolist()) == [0, 2], "the video with the truncated frame is dropped, not replaced"
+    (path, message), = loader.bad_videos
+    assert path.endswith("22") and "22_000007.jpeg" in message and "truncated" in message
+
+    os.remove(frame)  # a gap in a frame folder is a broken dataset: stop and name the frame
+    with pytest.raises(FileNotFoundError, match=r"22_000007\.jpeg"):
+        list(build_loader(cfg, "val", batch_size=3))
+
+
+BAD_FRACTION_ON_TWO_RANKS = """
+import sys
+import torch.distributed as dist
+import torch.multiprocessing as mp
+sys.path[:0] = [{repo!r}, {tests!r}]
+
+
+def worker(rank, root, out):
+    from test_pipelines import kinetics_cfg
+    from pipelines import build_loader
+    dist.init_process_group("gloo", init_method="file://" + out + "/store", rank=rank, world_size=2)
+    loader = build_loader(kinetics_cfg(root, max_bad_fraction=0.3), "train", batch_size=1, rank=rank, world_size=2)
+    try:
+        outcome = f"{{len(list(loader))}} batches, no error"
+    except RuntimeError as e:
+        outcome = str(e)
+    with open(f"{{out}}/rank{{rank}}.txt", "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_bad_fraction_is_decided_over_all_ranks(broken, tmp_path):
+    # 1 bad video of 4: on its own rank that is 1 of 2 (over 0.3), overall 1 of 4 (under). Both ranks must see the
+    # same totals, or one raises while the other waits for it in the next collective.
+    script = tmp_path / "two_ranks.py"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(BAD_FRACTION_ON_TWO_RANKS.format(repo=os.path.dirname(tests), tests=tests))
+    result = subprocess.run([sys.executable, str(script), broken, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert outcomes == ["2 batches, no error"] * 2, outcomes
 
 
 def test_argument_errors(kinetics, ssv2):
