@@ -133,7 +133,7 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
     setup_logging(out_dir, rank)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)))
+    model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)), load_pretrained=False)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
     model.to(device)
     loader = build_loader(cfg.data, "test", batch_size=cfg.eval.batch_size, rank=rank, world_size=world,

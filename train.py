@@ -91,8 +91,8 @@ def build_schedule(optimizer, cfg: Config, steps_per_epoch: int):
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: no context on the other GPUs
     return state
 
 
@@ -101,7 +101,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -129,6 +129,28 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, scaler=Non
     return ckpt
 
 
+# What a resumed run must share with the run that wrote last.pt to continue exactly as if never stopped.
+RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size"],
+               "train": ["seed", "epochs", "batch_size", "micro_batch_size", "max_steps_per_epoch", "lr",
+                         "min_lr", "warmup_epochs"]}
+
+
+def check_resumable(ckpt: dict, cfg: Config, world: int, path: str) -> None:
+    """An error naming every setting that differs from the run that wrote `path` (and the world size, which
+    decides each rank's share of an epoch): a silent resume would not continue the same training."""
+    saved = ckpt["config"]
+    current = cfg.to_dict()
+    changed = [f"{section}.{key}: {saved[section][key]!r} -> {current[section][key]!r}"
+               for section, keys in RESUME_KEYS.items() for key in keys
+               if saved.get(section, {}).get(key, current[section][key]) != current[section][key]]
+    if len(ckpt["rng"]) != world:
+        changed.append(f"world size: {len(ckpt['rng'])} -> {world} processes")
+    if changed:
+        raise ValueError(f"{path} was written by a run with other settings, so resuming it would not continue "
+                         f"that run: {'; '.join(changed)}. Resume with the same settings, or use a new "
+                         f"train.out_dir")
+
+
 def gather_rng_states(world: int) -> list:
     """Every rank's RNG state (dropout, K-center starts), so a resume restores each rank's own stream."""
     if world == 1:
@@ -145,19 +167,26 @@ class Trainer:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.accum = accumulation_steps(cfg, world)
         self.amp_dtype = autocast_dtype(cfg, device)
+        self.last_path = os.path.join(cfg.train.out_dir, "last.pt")
+        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False) \
+            if os.path.exists(self.last_path) else {}
+        if ckpt:
+            check_resumable(ckpt, cfg, world, self.last_path)
+        self.epoch, self.batch_in_epoch = ckpt.get("epoch", 0), ckpt.get("batch_in_epoch", 0)
+        self.step, self.best_top1 = ckpt.get("step", 0), ckpt.get("best_top1", -1.0)
+
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-        self.model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std))).to(device)
+        self.model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)),
+                                 load_pretrained=not ckpt).to(device)  # a resume loads every weight anyway
         self.ddp = DistributedDataParallel(self.model) if world > 1 else self.model
         self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr,
                                            betas=cfg.train.betas)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.last_path = os.path.join(cfg.train.out_dir, "last.pt")
-        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False) \
-            if os.path.exists(self.last_path) else {}
-        self.epoch, self.batch_in_epoch = ckpt.get("epoch", 0), ckpt.get("batch_in_epoch", 0)
-        self.step, self.best_top1 = ckpt.get("step", 0), ckpt.get("best_top1", -1.0)
 
         self.train_loader = self._loader("train", self.epoch, self.batch_in_epoch)
+        if len(self.train_loader.class_names) != cfg.model.num_classes:
+            raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the training list "
+                             f"{cfg.data.train_list} has {len(self.train_loader.class_names)} classes")
         batches = len(self.train_loader) + self.batch_in_epoch  # a whole epoch, also when resuming inside one
         self.steps_per_epoch = max(1, batches // self.accum)
         if cfg.train.max_steps_per_epoch:
@@ -182,11 +211,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        if len(ckpt["rng"]) == self.world:
-            set_rng_state(ckpt["rng"][self.rank])
-        else:
-            log.warning("%s holds RNG states of %d ranks, this run has %d: dropout/K-center streams restart "
-                        "from the seed", self.last_path, len(ckpt["rng"]), self.world)
+        set_rng_state(ckpt["rng"][self.rank])  # check_resumable: one state per rank
         log.info("resumed from %s: epoch %d, batch %d, optimizer step %d", self.last_path, self.epoch,
                  self.batch_in_epoch, self.step)
 
@@ -203,17 +228,18 @@ class Trainer:
     def save(self, epoch: int, batch_in_epoch: int, best: bool = False) -> None:
         state = self.checkpoint_state(epoch, batch_in_epoch)  # collective: every rank takes part
         if self.rank == 0:
-            save_checkpoint(self.last_path, state)
-            if best:
+            if best:  # best.pt first: a kill in between must not leave last.pt claiming a best.pt never written
                 save_checkpoint(os.path.join(self.cfg.train.out_dir, "best.pt"), state)
+            save_checkpoint(self.last_path, state)
 
     def forward_loss(self, clips, labels):
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
             logits = self.ddp(clips)
-            # sum over the rows present / nominal micro batch: a batch that lost a bad video still counts its
-            # samples at the same weight, and an empty one still runs forward/backward (DDP needs every rank)
+            # sum over the rows present / nominal rows per optimizer step on this rank: the accumulated gradient is
+            # the mean over the step's clips (DDP averages the ranks), a batch that lost a bad video still counts
+            # its samples at the same weight, and an empty one still runs forward/backward (DDP needs every rank)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing,
-                                   reduction="sum") / self.cfg.train.micro_batch_size
+                                   reduction="sum") / (self.cfg.train.micro_batch_size * self.accum)
         return loss, logits
 
     def optimizer_step(self) -> None:
@@ -260,11 +286,11 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
         bar.update(1)
         if tr.writer and tr.step % cfg.train.log_every_steps == 0:
             elapsed = time.perf_counter() - start
-            tr.writer.add_scalar("train/loss", sums["loss"] / (done_steps * tr.accum), tr.step)
+            tr.writer.add_scalar("train/loss", sums["loss"] / done_steps, tr.step)
             tr.writer.add_scalar("train/lr", tr.optimizer.param_groups[0]["lr"], tr.step)
             tr.writer.add_scalar("train/clips_per_s_per_rank", sums["clips"] / elapsed, tr.step)
             tr.writer.add_scalar("train/data_wait_fraction", sums["wait"] / elapsed, tr.step)
-            bar.set_postfix(loss=f"{sums['loss'] / (done_steps * tr.accum):.3f}")
+            bar.set_postfix(loss=f"{sums['loss'] / done_steps:.3f}")
         if cfg.train.save_every_steps and tr.step % cfg.train.save_every_steps == 0 and done_steps < steps_left:
             tr.save(epoch, batch_index)
     bar.close()
@@ -277,7 +303,7 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
         raise RuntimeError(f"epoch {epoch}: the loader ended after {batch_index} batches, before "
                            f"{tr.steps_per_epoch} optimizer steps")
     elapsed = time.perf_counter() - start
-    return {"loss": sums["loss"] / max(1, done_steps * tr.accum), "clips_per_s": sums["clips"] / elapsed,
+    return {"loss": sums["loss"] / max(1, done_steps), "clips_per_s": sums["clips"] / elapsed,
             "data_wait": sums["wait"] / elapsed}
 
 
@@ -296,7 +322,8 @@ def evaluate(tr: Trainer, loader) -> tuple[dict, torch.Tensor | None]:
             logits = tr.model(batch.clips)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == batch.labels[:, None]
-        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(hits))]).to(totals)
+        count = hits.new_tensor(len(hits), dtype=torch.int64)  # on the device, like the sums
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), count]).to(totals)
     if tr.world > 1:
         dist.all_reduce(totals)
     correct1, correct5, count = totals.tolist()
@@ -373,6 +400,8 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     run_training(cfg)
     if cfg.data.test_list:  # multi-view test of the best checkpoint, as eval.py would run it
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing best.pt
         from eval import run_eval
         run_eval(cfg, os.path.join(cfg.train.out_dir, "best.pt"))
     if dist.is_initialized():

@@ -88,8 +88,10 @@ class KCenterViT(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def build_model(cfg, pixel_std: float = 0.5) -> KCenterViT:
-    """KCenterViT from a `config.ModelConfig`; `pixel_std` is the data normalisation std (sets coordinate scale)."""
+def build_model(cfg, pixel_std: float = 0.5, load_pretrained: bool = True) -> KCenterViT:
+    """KCenterViT from a `config.ModelConfig`; `pixel_std` is the data normalisation std (sets coordinate scale).
+    `load_pretrained=False` skips `cfg.pretrained` where a checkpoint replaces every weight (resume, eval), so that
+    those need neither the file nor the hub."""
     model = KCenterViT(
         num_classes=cfg.num_classes, num_frames=cfg.num_frames, img_size=cfg.img_size, patch_size=cfg.patch_size,
         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
@@ -97,7 +99,7 @@ def build_model(cfg, pixel_std: float = 0.5) -> KCenterViT:
         pixel_std=pixel_std, temporal_coef=cfg.temporal_coef, spatial_coef=cfg.spatial_coef,
         drop_rate=cfg.drop_rate, pos_drop_rate=cfg.pos_drop_rate, attn_drop_rate=cfg.attn_drop_rate,
         drop_path_rate=cfg.drop_path_rate)
-    if cfg.pretrained:
+    if cfg.pretrained and load_pretrained:
         load_pretrained_2d(model, cfg.pretrained)
     return model
 

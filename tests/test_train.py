@@ -14,7 +14,7 @@ import yaml
 
 from eval import aggregate_views, compute_metrics
 from preprocess.make_demo_data import make_demo_dataset
-from train import build_schedule
+from train import build_schedule, check_resumable
 from config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +85,17 @@ def test_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0.1
 
 
+def test_resume_refuses_a_run_with_other_settings():
+    saved = Config()
+    ckpt = {"config": saved.to_dict(), "rng": [{}, {}]}
+    check_resumable(ckpt, saved, 2, "runs/x/last.pt")  # the same run: resumes
+    other = Config()
+    other.train.batch_size, other.train.weight_decay = saved.train.batch_size * 2, 0.5  # decay may change
+    with pytest.raises(ValueError, match=rf"runs/x/last.pt .*train.batch_size: {saved.train.batch_size} -> "
+                                         rf"{other.train.batch_size}; world size: 2 -> 4 processes"):
+        check_resumable(ckpt, other, 4, "runs/x/last.pt")
+
+
 @pytest.mark.slow
 def test_demo_train_then_eval_writes_results(tmp_path, demo_root):
     out = tmp_path / "run"
@@ -146,8 +157,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, demo_root):
 
 @pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, demo_root):
-    config = write_config(tmp_path, demo_root, tmp_path / "ddp", train={"batch_size": 4, "micro_batch_size": 2,
-                                                                        "epochs": 1, "save_every_steps": 0})
+    config = write_config(tmp_path, demo_root, tmp_path / "ddp", train={"batch_size": 8, "micro_batch_size": 2,
+                                                                        "epochs": 2, "save_every_steps": 0})
     script = tmp_path / "ddp_check.py"
     # DALI starts its source workers with "spawn", which re-imports __main__: the guard keeps them from training
     script.write_text(
@@ -169,7 +180,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, demo_root):
         "    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
         "    dist.all_gather(gathered, flat)\n"
         "    assert torch.equal(gathered[0], gathered[1]), 'ranks diverged'\n"
-        "    assert tr.step == 3 and tr.accum == 1, (tr.step, tr.accum)\n"  # 12 videos / (2 ranks x 2) = 3 steps
+        "    assert tr.step == 2 and tr.accum == 2, (tr.step, tr.accum)\n"  # 3 batches of 2 per rank: 1 step/epoch
         "    if dist.get_rank() == 0:\n"
         "        open(os.path.join(cfg.train.out_dir, 'ranks_identical'), 'w').write('ok')\n"
         "\n"
