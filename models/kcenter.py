@@ -7,13 +7,14 @@ budget from the other frames.
 
 `kcenter_sample` never builds the N x N distance matrix of the original code: it keeps one running
 min-distance per point, O(B*N) memory beyond the input. Three implementations share one contract:
-- CUDA with Triton: one fused kernel for all k picks (models/kcenter_triton.py).
+- CUDA with Triton: one fused kernel for all k picks (models/kcenter_triton.py); KCENTER_TRITON=0 turns it off.
 - CUDA without Triton: a batched loop with no host synchronisation (`_kcenter_batched`).
 - CPU: a lazy blocked search (`_kcenter_lazy`) that turns most of the arithmetic into matrix products.
 """
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -61,7 +62,7 @@ def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
     if B == 0:
         return torch.empty(0, k, dtype=torch.int64, device=points.device)
     if points.is_cuda:
-        if TRITON_AVAILABLE:
+        if TRITON_AVAILABLE and os.environ.get("KCENTER_TRITON", "1") != "0":
             return kcenter_sample_triton(points, k, start)
         return _kcenter_batched(points.float(), k, start)
     return _kcenter_lazy(points.float(), k, start)
