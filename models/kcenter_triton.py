@@ -28,6 +28,8 @@ import os
 import torch
 from torch import Tensor
 
+from .kcenter_bound import SLACK, lower_bound_summary
+
 try:
     import triton
     import triton.language as tl
@@ -36,30 +38,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     TRITON_AVAILABLE = False
 
-# Values per lower-bound group: 4 rows of a 16-pixel patch in one channel. Replayed at the paper's setting on
-# synthetic video clips (bench/RESULTS.md), groups of 8/16/32/64/128 read 5.5/8.7/13.2/17.2/15.4x fewer values per
-# pick than a full scan: a coarser summary is cheaper to read and the bound it gives is nearly as tight.
-GROUP = 64
-SLACK = 1.0 + 1e-4  # a row is skipped only if its bound beats its min-distance by more than fp32 rounding
 BLOCK_N, BLOCK_D = 64, 64
-
-
-def lower_bound_summary(points: Tensor, group: int = GROUP) -> Tensor:
-    """(B, N, D) -> (B, N, R) fp32 with ||s(x) - s(c)||^2 <= ||x - c||^2 for every pair.
-
-    The first floor(D/group)*group values are summarised by their group sums / sqrt(group) (= sqrt(g) * mean);
-    the remaining D mod group values (the 3 position coordinates at the paper's D = 771) are kept as they are.
-    R is padded with zeros to a power of two for the kernel's loads.
-    """
-    B, N, D = points.shape
-    full = D // group * group
-    x = points.float()
-    parts = [x[..., :full].unflatten(-1, (full // group, group)).sum(-1) / math.sqrt(group), x[..., full:]]
-    width = full // group + D - full
-    padded = triton.next_power_of_2(width) if TRITON_AVAILABLE else width
-    if padded > width:
-        parts.append(x.new_zeros(B, N, padded - width))
-    return torch.cat(parts, -1).contiguous()
 
 
 def default_parts(batch: int, n: int, device: torch.device) -> int:

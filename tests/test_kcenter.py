@@ -63,11 +63,14 @@ def test_bf16_accumulates_in_fp32():
 
 
 def test_distances_computed_without_n_by_n_matrix(monkeypatch):
-    called, cdist = [], torch.cdist
-    monkeypatch.setattr(torch, "cdist", lambda *a, **kw: called.append(a) or cdist(*a, **kw))
+    from models import kcenter
+    reranks, rerank = [], kcenter._Rerank.min_dist
+    monkeypatch.setattr(kcenter._Rerank, "min_dist", lambda self, c, p: reranks.append(len(c)) or rerank(self, c, p))
+    monkeypatch.setattr(torch, "cdist", None)  # the original's N x N matrix: not used
     points = torch.randint(0, 2, (1, 300, 8)).float()  # many exact ties: the float64 re-rank runs
-    kcenter_sample(points, 100, torch.tensor([0]))
-    assert called and all(a[0].shape[0] < 300 for a in called)  # small re-ranks only, never the full matrix
+    picks = kcenter_sample(points, 100, torch.tensor([0]))
+    assert torch.equal(picks, reference_kcenter(points, 100, torch.tensor([0])))
+    assert reranks and max(reranks) < 300  # small re-ranks of near-tied candidates only
 
 
 @pytest.mark.parametrize("bad,match", [
