@@ -9,10 +9,10 @@ values, 980 picks) that is ~4k launches. Here one launch does every pick:
   atomic counter; each then reduces the P partials itself (ties to the lowest index), so all agree on the next
   pick without a second launch.
 - Most rows are never read in full: a point's min-distance changes only if the new center is nearer than it. The
-  group means of the coordinates give an exact lower bound (Cauchy-Schwarz: sum_j (x_j - c_j)^2 over a group of
-  g values >= g * (mean(x) - mean(c))^2), kept in a small (B, N, R) summary, R ~ D/64. A row whose bound is
-  already beyond its min-distance is skipped; only the others stream their D values. On video patches (smooth
-  within a patch) most rows are skipped; on white noise few are, and the kernel is then close to a plain scan.
+  group means of the coordinates give an exact lower bound (models/kcenter_bound.py), kept in a small (B, N, R)
+  summary, R ~ D/64. A row whose bound is already beyond its min-distance is skipped; only the others stream
+  their D values. On video patches (smooth within a patch) most rows are skipped; on white noise few are, and the
+  kernel is then close to a plain scan.
 
 Distances are summed as (x - c)^2 in fp32 (fp32 or bf16/fp16 inputs), not |x|^2 - 2x.c + |c|^2, so there is no
 cancellation; the picks match the float64 greedy sequence except at near-ties (relative gaps ~1e-6).
@@ -66,7 +66,7 @@ def kcenter_sample_triton(points: Tensor, k: int, start: Tensor, parts: int | No
     x = points.contiguous()
     summary = lower_bound_summary(x)
     parts = parts or default_parts(B, N, x.device)
-    if not 1 <= parts <= triton.cdiv(N, 1):
+    if not 1 <= parts <= N:
         raise ValueError(f"parts must be in [1, N={N}], got {parts}")
     slice_len = triton.cdiv(triton.cdiv(N, parts), BLOCK_N) * BLOCK_N
     parts = triton.cdiv(N, slice_len)  # no program without rows
@@ -83,7 +83,6 @@ def kcenter_sample_triton(points: Tensor, k: int, start: Tensor, parts: int | No
         arrivals, full_rows, N, D, k, slice_len, parts, R=summary.shape[-1], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         BLOCK_P=block_p, SLACK=SLACK, COUNT_ROWS=stats is not None, num_warps=4)
     return picks
-
 
 
 @torch.no_grad()

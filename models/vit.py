@@ -53,6 +53,7 @@ class KCenterViT(nn.Module):
 
     def _init_weights(self):
         trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.time_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
