@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from nvidia.dali.plugin.pytorch import DALIGenericIterator

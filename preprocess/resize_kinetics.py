@@ -140,7 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="resample to this constant rate, e.g. 30 or 30000/1001 (default: the source's)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel videos (default: all cores)")
     parser.add_argument("--threads", type=int, default=1, help="threads per ffmpeg process (default 1)")
-    parser.add_argument("--gop", type=int, default=DEFAULT_GOP, help=f"frames between keyframes (default {DEFAULT_GOP})")
+    parser.add_argument("--gop", type=int, default=DEFAULT_GOP,
+                        help=f"frames between keyframes (default {DEFAULT_GOP})")
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=X264_PRESETS,
                         help=f"x264 preset (default {DEFAULT_PRESET})")
     parser.add_argument("--crf", type=int, default=DEFAULT_CRF, help=f"x264 quality, 0-51 (default {DEFAULT_CRF})")

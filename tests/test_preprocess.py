@@ -126,7 +126,8 @@ def kinetics(tmp_path_factory):
     (src / "bad/garbage.avi").write_bytes(os.urandom(5000))
     indexed_first = make_video(src / "tmp/whole.mp4", "320x240", "30", 3, "-movflags", "+faststart")
     truncate(indexed_first, src / "bad/truncated.mp4")
-    truncate(make_video(src / "tmp/whole.webm", "160x120", "30", 3, "-c:v", "libvpx-vp9"), src / "bad/truncated_vp9.webm")
+    truncate(make_video(src / "tmp/whole.webm", "160x120", "30", 3, "-c:v", "libvpx-vp9"),
+             src / "bad/truncated_vp9.webm")
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=duration=1", str(src / "bad/audio_only.mp4")],
                    check=True)
     for name in ("tmp/whole.mp4", "tmp/whole.webm"):
