@@ -198,6 +198,8 @@ def main() -> None:
     if args.child:
         return child(args.child, args.inputs, args.batch)
     if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda needs a CUDA GPU")
         return main_cuda(args)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={args.batch}, N={(FRAMES - HYBRID) * 196}, "
