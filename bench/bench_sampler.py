@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.kcenter import _kcenter_batched, kcenter_sample, patch_coordinates, patchify  # noqa: E402
+from models.kcenter_bound import lower_bound_summary  # noqa: E402
 from models.kcenter_triton import count_full_rows, kcenter_sample_triton  # noqa: E402
 
 FRAMES, GRID, PATCH, HYBRID, TOKENS = 32, 14, 16, 3, 1568
@@ -122,11 +123,6 @@ def child(method: str, kind: str, batch: int) -> None:
     print((_vm_hwm_kb() - before) / 1024)
 
 
-def lower_bound_width() -> int:
-    from models.kcenter_triton import lower_bound_summary
-    return lower_bound_summary(torch.zeros(1, 1, PATCH * PATCH * 3 + 3)).shape[-1]
-
-
 def _vm_hwm_kb() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
@@ -176,7 +172,7 @@ def main_cuda(args) -> None:
         points, start = points.cuda(), start.cuda()
         results = {name: cuda_time_and_memory(fn, points, K, start, repeats=args.repeats)
                    for name, fn in CUDA_METHODS.items()}
-        t_orig, mem_orig, picks_orig = results["original"]
+        t_orig = results["original"][0]
         ref = reference64(points.cpu(), K, start.cpu())
         for name, (seconds, mb, picks) in results.items():
             same = int((picks.cpu() == ref).all(1).sum())
@@ -225,7 +221,8 @@ def main() -> None:
               f"original {int((picks['original'] == ref).all(1).sum())}/{args.batch}")
         rows = count_full_rows(points, picks["ours"]).sum().item() / (args.batch * (K - 1) * points.shape[1])
         print(f"[{kind}] fused CUDA kernel on these picks (replayed): reads {100 * rows:.1f}% of the rows of a "
-              f"full scan in full, plus a {lower_bound_width()}-value summary of every row, per pick")
+              f"full scan in full, plus a {lower_bound_summary(points[:1, :1]).shape[-1]}-value summary of every row, "
+              f"per pick")
 
 
 if __name__ == "__main__":

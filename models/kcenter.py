@@ -22,7 +22,6 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-
 try:  # the fused kernel is optional: only used on CUDA tensors when Triton imports
     from .kcenter_triton import TRITON_AVAILABLE, kcenter_sample_triton
 except ImportError:

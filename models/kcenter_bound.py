@@ -1,10 +1,11 @@
-"""An exact, cheap lower bound on the distance between two patches, shared by the CPU path and the Triton kernel.
+"""An exact, cheap lower bound on the distance between two patches, for the fused Triton k-center kernel.
 
 Summing a group of g coordinates loses information but never overestimates the distance (Cauchy-Schwarz:
 sum_j (x_j - c_j)^2 over the group >= g * (mean(x) - mean(c))^2). A point's min-distance to the chosen centers
 only changes when a new center is nearer than it, so a point whose bound to the new center is already beyond its
 min-distance can be skipped. Video patches are smooth: after the first picks, ~97% of the points of a clip are
-skipped this way at the paper's setting (bench/RESULTS.md); on white noise almost none are.
+skipped this way at the paper's setting (bench/RESULTS.md); on white noise almost none are. (The CPU path does not
+use it: per-pick skipping was slower there than its blocked matrix products.)
 """
 from __future__ import annotations
 
