@@ -114,8 +114,14 @@ def peak_extra_mb(method: str, kind: str, batch: int) -> float:
     return float(out.stdout.split()[-1])
 
 
+def warm_up(method: str) -> None:
+    """One tiny call first: Numba compiles (or loads its cache), libraries load; none of it is the method's cost."""
+    METHODS[method](torch.randn(2, 64, 8), 4, torch.tensor([0, 1]))
+
+
 def child(method: str, kind: str, batch: int) -> None:
     points, start = make_inputs(kind, batch)
+    warm_up(method)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS: only the method's own memory counts
     before = _vm_hwm_kb()
@@ -204,6 +210,8 @@ def main() -> None:
         points, start = make_inputs(kind, args.batch)
         times = {name: [] for name in METHODS}
         picks = {}
+        for name in METHODS:
+            warm_up(name)
         for _ in range(args.repeats):
             for name, fn in METHODS.items():
                 t0 = time.perf_counter()

@@ -6,21 +6,27 @@ hybrid frames, n whole frames at linspace positions are kept first and k-center 
 budget from the other frames.
 
 `kcenter_sample` never builds the N x N distance matrix of the original code: it keeps one running
-min-distance per point, O(B*N) memory beyond the input. Three implementations share one contract:
+min-distance per point, O(B*N) memory beyond the input. The implementations share one contract:
 - CUDA with Triton: one fused kernel for all k picks (models/kcenter_triton.py); KCENTER_TRITON=0 turns it off.
 - CUDA without Triton: a batched loop with no host synchronisation (`_kcenter_batched`).
-- CPU: a lazy blocked search (`_kcenter_lazy_one`) that turns most of the arithmetic into matrix products.
-  (The kernel's lower-bound skipping, tried here as per-pick steps, was slower on CPU: 0.28 s vs 0.24 s a clip.)
+- CPU with Numba: a compiled loop per clip that skips the rows a lower bound rules out (models/kcenter_cpu.py);
+  KCENTER_NUMBA=0 turns it off.
+- CPU otherwise, or once the bound stops pruning (white noise): a lazy blocked search (`_kcenter_lazy_one`) that
+  turns most of the arithmetic into matrix products.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+
+from .kcenter_bound import lower_bound_summary
 
 try:  # the fused kernel is optional: only used on CUDA tensors when Triton imports
     from .kcenter_triton import TRITON_AVAILABLE, kcenter_sample_triton
@@ -90,12 +96,23 @@ def _kcenter_batched(x: Tensor, k: int, start: Tensor) -> Tensor:
 def _kcenter_cpu(x: Tensor, k: int, start: Tensor) -> Tensor:
     """One clip per thread, each running single-threaded ops.
 
-    The per-clip search is many small ops; splitting each over the intra-op thread pool makes every one wait at
-    a barrier for the slowest core, which on a shared machine costs more than the op. Clips in parallel keep
-    every core busy instead. torch's thread count is process-wide, so it is restored afterwards.
+    The per-clip search is many small steps; splitting each over the intra-op thread pool makes every one wait at
+    a barrier for the slowest core, which on a shared machine costs more than the step. Clips in parallel keep
+    every core busy instead (the compiled loop releases the GIL). torch's thread count is process-wide, so it is
+    restored afterwards.
     """
     def one(b: int) -> Tensor:
-        return _kcenter_lazy_one(x[b], k, int(start[b]))
+        picks, min_dist = [int(start[b])], None
+        greedy_pruned = _cpu_kernel()
+        if greedy_pruned is not None:
+            out, dist = np.empty(k, dtype=np.int64), np.empty(x.shape[1])
+            out[0] = picks[0]
+            summary = lower_bound_summary(x[b], dtype=torch.float64)
+            n = greedy_pruned(x[b].numpy(), summary.numpy(), out, dist, _PROBE_PICKS, _MAX_FULL_FRACTION)
+            if n == k:
+                return torch.from_numpy(out)
+            picks, min_dist = out[:n].tolist(), torch.from_numpy(dist).float()
+        return _kcenter_lazy_one(x[b], k, picks, min_dist)
 
     threads = torch.get_num_threads()
     if threads == 1 or x.shape[0] == 1:
@@ -106,6 +123,25 @@ def _kcenter_cpu(x: Tensor, k: int, start: Tensor) -> Tensor:
             return torch.stack(list(pool.map(one, range(x.shape[0]))))
     finally:
         torch.set_num_threads(threads)
+
+
+# The compiled loop hands over to the blocked search when, over its first 8 picks, more than 60% of the rows had to
+# be read in full: it would stay above the blocked search's average cost (~0.25 full scans a pick). At the paper's
+# setting synthetic video clips read 18-37% of the rows over their first 8 picks and ~3% over a whole run,
+# Gaussian points 100% and 91% (bench/RESULTS.md).
+_PROBE_PICKS, _MAX_FULL_FRACTION = 8, 0.6
+
+
+@functools.cache
+def _cpu_kernel():
+    """The compiled CPU loop, or None when Numba is missing or KCENTER_NUMBA=0 (the PyTorch path: same picks)."""
+    if os.environ.get("KCENTER_NUMBA", "1") == "0":
+        return None
+    try:
+        from .kcenter_cpu import greedy_pruned
+    except ImportError:
+        return None
+    return greedy_pruned
 
 
 class _Rerank:
@@ -131,9 +167,12 @@ class _Rerank:
         return ((c * c).sum(1)[:, None] - 2 * (c @ p.T) + self.picks_sq[None, :self.size]).amin(1)
 
 
-def _kcenter_lazy_one(x: Tensor, k: int, start: int, sync_every: int = 64, chunk: int = 64,
-                      max_prefix: int = 512) -> Tensor:
+def _kcenter_lazy_one(x: Tensor, k: int, picks: list[int], min_dist: Tensor | None = None, sync_every: int = 64,
+                      chunk: int = 64, max_prefix: int = 512) -> Tensor:
     """Exact greedy k-center for one clip on the CPU, with most distances computed as matrix products.
+
+    Continues the sequence `picks` (at least the start) to k picks; `min_dist` holds each point's squared
+    distance to its nearest pick among picks[:-1] (chosen points -1), None when only the start is given.
 
     A point's min-distance only shrinks as centers are added, so a stale value is an upper bound. Every
     `sync_every` picks all points are brought up to date with one (N, m) product against the m newest centers and
@@ -154,12 +193,12 @@ def _kcenter_lazy_one(x: Tensor, k: int, start: int, sync_every: int = 64, chunk
     rerank = None  # float64 re-ranking, set up at the first near-tie
     prefix = _Prefix(max_prefix + chunk, D)  # exact min-distances of order[:prefix.size], points kept contiguous
 
-    picks = [start]
-    synced = 0  # picks[:synced] are folded into min_dist
-    min_dist = torch.full((N,), math.inf)
-    for i in range(1, k):
+    first, synced = len(picks), len(picks) - 1  # picks[:synced] are folded into min_dist
+    picks = list(picks)
+    min_dist = torch.full((N,), math.inf) if min_dist is None else min_dist.clone()
+    for i in range(first, k):
         last = picks[-1]
-        if i == 1 or i - synced >= sync_every or prefix.size > max_prefix:
+        if i == first or i - synced >= sync_every or prefix.size > max_prefix:
             new = torch.tensor(picks[synced:])
             dist = sq[:, None] - 2 * (x @ rows(x, new).T) + rows(sq, new)[None]  # (N, m)
             torch.minimum(min_dist, dist.amin(1), out=min_dist)

@@ -3,8 +3,20 @@ import math
 import pytest
 import torch
 
+from models import kcenter
 from models.kcenter import (KCenterTokenSampler, _kcenter_batched, hybrid_frame_indices, kcenter_sample,
                             patch_coordinates, patchify)
+
+
+needs_numba = pytest.mark.skipif(kcenter._cpu_kernel() is None, reason="no numba, or KCENTER_NUMBA=0")
+
+
+@pytest.fixture(params=[pytest.param("compiled", marks=needs_numba), "torch"])
+def cpu_path(request, monkeypatch):
+    """Runs a test on both CPU implementations: the compiled loop (Numba) and the PyTorch blocked search."""
+    if request.param == "torch":
+        monkeypatch.setattr(kcenter, "_cpu_kernel", lambda: None)
+    return request.param
 
 
 def reference_kcenter(points, k, start):
@@ -22,7 +34,7 @@ def reference_kcenter(points, k, start):
 
 
 @pytest.mark.parametrize("B,N,D,k", [(3, 200, 16, 50), (2, 500, 771, 120), (2, 300, 8, 300), (4, 64, 3, 1)])
-def test_matches_reference(B, N, D, k):
+def test_matches_reference(B, N, D, k, cpu_path):
     g = torch.Generator().manual_seed(B * N + k)
     points = torch.randn(B, N, D, generator=g)
     start = torch.randint(N, (B,), generator=g)
@@ -31,7 +43,7 @@ def test_matches_reference(B, N, D, k):
     assert torch.equal(_kcenter_batched(points, k, start), expected)  # the CUDA fallback's code path
 
 
-def test_long_run_with_syncs_and_near_ties():
+def test_long_run_with_syncs_and_near_ties(cpu_path):
     # k spans many lazy re-syncs; integer-valued points make exact ties that must go to the lowest index
     g = torch.Generator().manual_seed(0)
     points = torch.randint(0, 3, (2, 400, 6), generator=g).float()
@@ -48,7 +60,7 @@ def test_random_start_and_generator():
     assert a.dtype == torch.int64 and a.shape == (5, 10)
 
 
-def test_k_equals_n_is_a_permutation_even_with_duplicates():
+def test_k_equals_n_is_a_permutation_even_with_duplicates(cpu_path):
     points = torch.zeros(2, 30, 5)  # all points identical
     picks = kcenter_sample(points, 30, torch.tensor([7, 0]))
     for row in picks:
@@ -56,14 +68,14 @@ def test_k_equals_n_is_a_permutation_even_with_duplicates():
     assert picks[:, 0].tolist() == [7, 0]
 
 
-def test_bf16_accumulates_in_fp32():
+def test_bf16_accumulates_in_fp32(cpu_path):
     points = torch.randn(2, 150, 32).bfloat16()
     start = torch.tensor([3, 4])
     assert torch.equal(kcenter_sample(points, 40, start), reference_kcenter(points.float(), 40, start))
 
 
 def test_distances_computed_without_n_by_n_matrix(monkeypatch):
-    from models import kcenter
+    monkeypatch.setattr(kcenter, "_cpu_kernel", lambda: None)  # the PyTorch path, whose fp32 ties are re-ranked
     reranks, rerank = [], kcenter._Rerank.min_dist
     monkeypatch.setattr(kcenter._Rerank, "min_dist", lambda self, c, p: reranks.append(len(c)) or rerank(self, c, p))
     monkeypatch.setattr(torch, "cdist", None)  # the original's N x N matrix: not used
@@ -71,6 +83,36 @@ def test_distances_computed_without_n_by_n_matrix(monkeypatch):
     picks = kcenter_sample(points, 100, torch.tensor([0]))
     assert torch.equal(picks, reference_kcenter(points, 100, torch.tensor([0])))
     assert reranks and max(reranks) < 300  # small re-ranks of near-tied candidates only
+
+
+def lazy_calls(monkeypatch) -> list[int]:
+    """Records how many picks the compiled loop had made each time the PyTorch search took over."""
+    calls, lazy = [], kcenter._kcenter_lazy_one
+    monkeypatch.setattr(kcenter, "_kcenter_lazy_one", lambda x, k, picks, *a: calls.append(len(picks)) or
+                        lazy(x, k, picks, *a))
+    return calls
+
+
+@needs_numba
+def test_compiled_loop_hands_unprunable_points_to_the_blocked_search(monkeypatch):
+    calls = lazy_calls(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    points = torch.randn(2, 600, 130, generator=g)  # white noise: the group-sum bound rules out almost nothing
+    start = torch.tensor([5, 599])
+    assert torch.equal(kcenter_sample(points, 200, start), reference_kcenter(points, 200, start))
+    assert calls == [kcenter._PROBE_PICKS + 1] * 2
+
+
+@needs_numba
+def test_compiled_loop_keeps_structured_points(monkeypatch):
+    calls = lazy_calls(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    # patches of 20 flat colours plus a little noise: the group sums tell most pairs apart
+    colours = torch.rand(20, 3, 1, generator=g).expand(-1, -1, 64).flatten(1) * 2 - 1
+    points = colours[torch.randint(20, (2, 800), generator=g)] + 0.02 * torch.randn(2, 800, 192, generator=g)
+    start = torch.tensor([0, 7])
+    assert torch.equal(kcenter_sample(points, 300, start), reference_kcenter(points, 300, start))
+    assert calls == []
 
 
 @pytest.mark.parametrize("bad,match", [
