@@ -14,17 +14,17 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# Fast-math flags that let the compiler reorder and vectorise the sums; not 'nnan'/'ninf': min-distances start at
-# inf and chosen points are marked -1.
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# Fast math lets the compiler reorder and vectorise the sums (~20% faster than reordering alone). It also assumes no
+# inf or NaN: min-distances start at the largest finite float64, and the points must be finite.
+_MAX_FLOAT64 = np.finfo(np.float64).max
 
 
-@numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
+@numba.njit(nogil=True, fastmath=True, cache=True)
 def greedy_pruned(x, summary, picks, min_dist, probe, max_full_fraction):  # pragma: no cover (compiled)
     """Fill picks[1:] with the greedy k-center sequence from picks[0].
 
     Args:
-        x: (N, D) float32 points, C-contiguous.
+        x: (N, D) float32 finite points, C-contiguous.
         summary: (N, R) float64 lower-bound summary of x (`lower_bound_summary`).
         picks: (k,) int64, picks[0] set by the caller.
         min_dist: (N,) float64 output: squared distance of each point to its nearest folded-in pick.
@@ -44,7 +44,7 @@ def greedy_pruned(x, summary, picks, min_dist, probe, max_full_fraction):  # pra
         for r in range(R):
             scale = max(scale, summary[j, r] * summary[j, r])
     margin = 16.0 * R * 2.0 ** -53 * scale
-    min_dist[:] = np.inf
+    min_dist[:] = _MAX_FLOAT64
     full = 0
     for i in range(1, k):
         c = picks[i - 1]

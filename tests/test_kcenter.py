@@ -74,6 +74,12 @@ def test_bf16_accumulates_in_fp32(cpu_path):
     assert torch.equal(kcenter_sample(points, 40, start), reference_kcenter(points.float(), 40, start))
 
 
+def test_strided_input_that_requires_grad(cpu_path):
+    points = torch.randn(2, 7, 60, requires_grad=True).transpose(1, 2)  # (B, N, D) view, not contiguous
+    start = torch.tensor([3, 59])
+    assert torch.equal(kcenter_sample(points, 20, start), reference_kcenter(points.detach(), 20, start))
+
+
 def test_distances_computed_without_n_by_n_matrix(monkeypatch):
     monkeypatch.setattr(kcenter, "_cpu_kernel", lambda: None)  # the PyTorch path, whose fp32 ties are re-ranked
     reranks, rerank = [], kcenter._Rerank.min_dist
@@ -124,6 +130,7 @@ def test_compiled_loop_keeps_structured_points(monkeypatch):
     (dict(start=torch.tensor([10])), "start indices"),
     (dict(start=torch.tensor([0, 1])), "start must be"),
     (dict(start=torch.tensor([0.0])), "start must be"),
+    (dict(points=torch.tensor([[[0.0, 1.0]] * 9 + [[math.nan, 0.0]]])), "finite"),
 ])
 def test_bad_arguments(bad, match):
     args = dict(points=torch.randn(1, 10, 3), k=3, start=torch.tensor([0])) | bad
