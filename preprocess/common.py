@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -19,6 +18,8 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
@@ -327,7 +328,7 @@ def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, 
     last_save, interrupted = time.monotonic(), False
     try:
         with tqdm(total=len(tasks), initial=counts["skipped"], desc=desc, unit="video") as bar:
-            results = _map_unordered(partial(_run_task, converter), pending, workers, bar)
+            results = _map_unordered(partial(_run_task, converter), pending, workers, bar, on_died=_worker_died)
             for result in chain(conflicts, results):
                 counts[result.status] += 1
                 if result.row is not None:
@@ -364,6 +365,10 @@ def _plan(converter: Converter, tasks: list[Task], rows: dict, dst: Path) -> tup
     return pending, conflicts
 
 
+def _worker_died(task: Task) -> Result:
+    return Result(task, "failed", error="the worker process converting it died (killed; out of memory?)")
+
+
 def _run_task(converter: Converter, task: Task) -> Result:
     """One task in a worker. Any error becomes a failed result, so one bad input never stops the run."""
     try:
@@ -376,19 +381,66 @@ def _run_task(converter: Converter, task: Task) -> Result:
         return Result(task, "failed", error=f"{type(e).__name__}: {e}")
 
 
-def _map_unordered(fn: Callable, items: list, workers: int, bar: tqdm) -> Iterator:
-    """fn(item) for every item, in `workers` processes (in this process when 1), as they finish; advances `bar`."""
+def _map_unordered(fn: Callable, items: list, workers: int, bar: tqdm, on_died: Callable) -> Iterator:
+    """fn(item) for every item, in `workers` processes (in this process when 1), as they finish; advances `bar`.
+
+    A worker that dies (killed, e.g. by the out-of-memory killer) breaks the pool, and which of its running items
+    killed it is unknown: those items are run again one at a time, each in a pool of its own, and the one whose
+    worker dies again gives `on_died(item)`. The others go on in a fresh pool. (multiprocessing.Pool would wait
+    forever for the dead worker's result.)
+    """
     if workers == 1:
         for item in items:
             yield fn(item)
             bar.update()
         return
-    # Leaving the `with` (finished, or Ctrl-C here) terminates the workers at once; what a worker killed in the
-    # middle of a video leaves is a temporary, removed by the next run.
-    with multiprocessing.Pool(workers, initializer=_ignore_interrupt) as pool:
-        for result in pool.imap_unordered(fn, items):
+    queue = list(reversed(items))
+    while queue:
+        suspects = []
+        for item, result in _run_in_pool(fn, queue, workers):
+            if result is _DIED:
+                suspects.append(item)
+                continue
             yield result
             bar.update()
+        for item in suspects:
+            result = next(_run_in_pool(fn, [item], 1))[1]
+            yield on_died(item) if result is _DIED else result
+            bar.update()
+
+
+_DIED = object()
+
+
+def _run_in_pool(fn: Callable, queue: list, workers: int) -> Iterator[tuple]:
+    """(item, fn(item)) for the items popped off `queue` until it is empty or a worker dies; then (item, _DIED) for
+    every item that was running, the rest staying on `queue`. At most 2 items per worker are submitted at a time,
+    so few are running when one dies. Leaving early (Ctrl-C) cancels what has not started; a worker killed in the
+    middle of a video leaves a temporary, removed by the next run."""
+    pool = ProcessPoolExecutor(workers, initializer=_ignore_interrupt)
+    running = {}
+    try:
+        while queue or running:
+            while queue and len(running) < 2 * workers:
+                item = queue.pop()
+                running[pool.submit(fn, item)] = item
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            died = False
+            for future in done:
+                item = running.pop(future)
+                try:
+                    yield item, future.result()
+                except BrokenProcessPool:
+                    died = True
+                    yield item, _DIED
+            if died:  # every other future fails too, except one that finished in the meantime
+                for future, item in running.items():
+                    finished = future.done() and not future.cancelled() and future.exception() is None
+                    yield item, future.result() if finished else _DIED
+                running.clear()
+                return
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ignore_interrupt() -> None:

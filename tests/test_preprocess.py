@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -98,7 +99,8 @@ def process_group_alive(pgid: int) -> bool:
 
 
 def temporaries(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if ".tmp-" in p.name]
+    # os.walk, not rglob: a running conversion may rename a temporary folder while it is listed (rglob raised)
+    return [Path(folder) / name for folder, dirs, files in os.walk(root) for name in dirs + files if ".tmp-" in name]
 
 
 # ----------------------------------------------------------------------------------------------- Kinetics
@@ -389,6 +391,40 @@ def test_killed_run_resumes_to_a_complete_output(tmp_path, script):
 
 
 # --------------------------------------------------------------------------------------------------- common
+
+
+class KilledByOneInput:
+    """A converter whose worker process is killed (like the out-of-memory killer does) by the input 'oom'."""
+
+    def __init__(self, src: Path, dst: Path):
+        self.src, self.dst = src, dst
+
+    def is_complete(self, output: Path) -> bool:
+        return output.exists()
+
+    def convert(self, task: common.Task) -> common.ManifestRow:
+        if task.source == "oom":
+            os.kill(os.getpid(), signal.SIGKILL)
+        (self.dst / task.output).write_text(task.source)
+        return self.describe(task)
+
+    def describe(self, task: common.Task) -> common.ManifestRow:
+        return common.ManifestRow(task.output, 1, 1.0, 1, 1)
+
+
+def test_a_killed_worker_fails_its_own_input_only(tmp_path):
+    names = ["a", "b", "oom", "c", "d", "e", "f", "g"]
+    tasks = [common.Task(name, name) for name in names]
+    status = []
+    run = threading.Thread(target=lambda: status.append(
+        common.run_tasks(KilledByOneInput(tmp_path, tmp_path / "out"), tasks, tmp_path / "out", 2, "test")))
+    run.start()
+    run.join(timeout=120)
+    assert not run.is_alive(), "the run waits forever for the killed worker"
+    assert status == [1]
+    failures = (tmp_path / "out" / "failures.txt").read_text().splitlines()
+    assert len(failures) == 1 and failures[0].startswith(str(tmp_path / "oom")) and "died" in failures[0]
+    assert sorted(common.read_manifest(tmp_path / "out" / "manifest.csv")) == sorted(set(names) - {"oom"})
 
 
 def test_find_videos_skips_temporaries_other_files_and_the_output_folder(tmp_path):
