@@ -7,14 +7,16 @@ coordinates, 1568 - 3*196 = 980 picks per clip.
 
     python bench/bench_sampler.py                  # CPU: synthetic video clips and Gaussian points, B=8
     python bench/bench_sampler.py --batch 2 --repeats 1
+    KCENTER_NUMBA=0 python bench/bench_sampler.py  # CPU: the PyTorch search alone (no compiled loop)
     python bench/bench_sampler.py --device cuda    # GPU: original vs PyTorch loop vs fused Triton kernel
 
 Prints the time ratio (baseline / ours, same process, alternating runs after a small warm-up call each, median),
 the peak-memory ratio (CPU: extra peak RSS of a fresh process running each method once after the warm-up, so
-neither the input nor a compiler is counted; CUDA: peak allocated above the inputs), and whether the picks are identical to the baseline's and to a float64 brute-force reference.
-On CPU it also replays the fused kernel's row-skipping rule on the same picks: the share of rows it reads in full,
-which sets its memory traffic on a GPU. On CUDA it times a K-center ViT-B training step at the same batch
-(bf16 autocast, AdamW) for the sampler's share of a step.
+neither the input nor a compiler is counted; CUDA: peak allocated above the inputs), and whether the picks are
+identical to the baseline's and to a float64 brute-force reference. On CPU it also replays the fused kernel's
+row-skipping rule on the same picks: the share of rows it reads in full, which sets its memory traffic on a GPU
+(the CPU's compiled loop skips by the same rule). On CUDA it times a K-center ViT-B training step at the same
+batch (bf16 autocast, AdamW) for the sampler's share of a step.
 """
 from __future__ import annotations
 
