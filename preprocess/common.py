@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -34,6 +35,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", "
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_FIELDS = ("path", "frames", "fps", "width", "height")
 FAILURES_NAME = "failures.txt"
+SETTINGS_NAME = "settings.json"
 # -progress: ffmpeg reports on stdout the end time of what it wrote, which the truncation check needs.
 FFMPEG_GLOBAL_ARGS = ("-nostdin", "-hide_banner", "-loglevel", "error", "-filter_complex_threads", "1",
                       "-progress", "pipe:1", "-nostats")
@@ -311,12 +313,20 @@ def scale_to_short_side(short_side: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- runner
 
 
-def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, desc: str) -> int:
+def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, desc: str,
+              settings: dict) -> int:
     """Convert every task not complete yet, in `workers` processes, and keep the manifest and failure list.
 
-    Prints a summary; returns the exit status: 1 if any task failed, 130 on Ctrl-C, else 0.
+    `settings` are the options that shape the outputs (JSON values), checked against `DST/settings.json`.
+    Prints a summary; returns the exit status: 1 if any task failed, 2 if the settings differ from the ones DST
+    was written with, 130 on Ctrl-C, else 0.
     """
     dst.mkdir(parents=True, exist_ok=True)
+    try:
+        check_settings(dst / SETTINGS_NAME, settings)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks})
     manifest_path = dst / MANIFEST_NAME
     # Entries of outputs deleted since are dropped; complete outputs the manifest lacks are described again.
@@ -348,6 +358,24 @@ def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, 
           + (f" (listed in {failures.path})" if counts["failed"] else "")
           + ("; interrupted, run again to resume" if interrupted else ""))
     return 130 if interrupted else 1 if counts["failed"] else 0
+
+
+def check_settings(path: Path, settings: dict) -> None:
+    """Record `settings` in `path` on the first run; refuse a run with other ones. A rerun skips complete outputs,
+    so a changed setting would leave DST with outputs of both kinds."""
+    if not path.exists():
+        atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it if DST holds no outputs yet") from None
+    changed = {key: (recorded.get(key), settings.get(key)) for key in recorded.keys() | settings.keys()
+               if recorded.get(key) != settings.get(key)}
+    if changed:
+        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+        raise ValueError(f"{path.parent} was written with other settings ({listed}); outputs would be mixed. Use "
+                         f"another DST, or delete {path} and the outputs to redo them with the new settings")
 
 
 def _plan(converter: Converter, tasks: list[Task], rows: dict, dst: Path) -> tuple[list[Task], list[Result]]:

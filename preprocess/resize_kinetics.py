@@ -4,7 +4,8 @@
 
 Every video under SRC (mp4, webm, mkv, avi, mov, ...) is written to the same relative path under DST with the
 suffix .mp4: H.264 yuv420p, short side resized with the aspect kept and even sizes, constant frame rate (the
-source's unless --fps), audio dropped unless --keep-audio (then AAC). A rerun skips complete outputs.
+source's unless --fps), audio dropped unless --keep-audio (then AAC). A rerun skips complete outputs;
+DST/settings.json records the options that shape them, and a rerun with other ones is refused (exit status 2).
 DST/manifest.csv lists every output (path,frames,fps,width,height); DST/failures.txt lists the inputs that could
 not be converted, with ffmpeg's error, and the exit status is then 1. Run it once per split (SRC/train ->
 DST/train, ...): the pipelines read the manifest of each split folder.
@@ -173,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if not sources:
         print(f"warning: no video files under {args.src}", file=sys.stderr)
     tasks = [common.Task(source, output_name(source)) for source in sources]
-    return common.run_tasks(Mp4Resizer(args.src, args.dst, settings), tasks, args.dst, args.workers, desc="resize")
+    shaping = {"short_side": args.short_side, "fps": None if args.fps is None else str(args.fps), "gop": args.gop,
+               "preset": args.preset, "crf": args.crf, "bframes": args.bframes, "keep_audio": args.keep_audio}
+    return common.run_tasks(Mp4Resizer(args.src, args.dst, settings), tasks, args.dst, args.workers, desc="resize",
+                            settings=shaping)
 
 
 if __name__ == "__main__":

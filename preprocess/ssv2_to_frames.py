@@ -4,7 +4,8 @@
 
 Each SRC/<id>.webm becomes DST/<id>/<id>_000000.jpeg, <id>_000001.jpeg, ... numbered from 0, one file per
 decoded frame (no frame is dropped or repeated to even out the timing). A video's folder appears only once all
-its frames are written. A rerun skips complete folders. DST/manifest.csv lists every folder
+its frames are written. A rerun skips complete folders; DST/settings.json records --quality and --short-side,
+and a rerun with other ones is refused (exit status 2). DST/manifest.csv lists every folder
 (path = <id>, frames = JPEG files, fps of the source, width, height); DST/failures.txt lists the inputs that
 could not be converted, with ffmpeg's error, and the exit status is then 1.
 """
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: no video files in {args.src}", file=sys.stderr)
     tasks = [common.Task(source, PurePosixPath(source).stem) for source in sources]
     extractor = FrameExtractor(args.src, args.dst, args.quality, args.short_side, args.threads)
-    return common.run_tasks(extractor, tasks, args.dst, args.workers, desc="frames")
+    return common.run_tasks(extractor, tasks, args.dst, args.workers, desc="frames",
+                            settings={"quality": args.quality, "short_side": args.short_side})
 
 
 if __name__ == "__main__":

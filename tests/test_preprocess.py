@@ -246,6 +246,16 @@ def test_kinetics_rerun_does_no_work(kinetics, monkeypatch, capsys):
     assert "0 done, 8 skipped, 6 failed" in capsys.readouterr().out
 
 
+def test_rerun_with_other_settings_is_refused(kinetics, capsys):
+    src, dst, _ = kinetics
+    before = sorted(p.name for p in dst.iterdir())
+    assert resize_kinetics.main([str(src), str(dst), "--crf", "18", "--gop", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "crf 23 -> 18" in err and "gop 32 -> 16" in err and str(dst) in err
+    assert sorted(p.name for p in dst.iterdir()) == before  # nothing written, nothing removed
+    assert json.loads((dst / "settings.json").read_text())["crf"] == 23
+
+
 def test_kinetics_fps_and_audio_options_from_the_command_line(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_video(src / "a.mp4", "160x120", "30", 2, audio=True)
@@ -297,7 +307,7 @@ def test_ssv2_one_jpeg_per_decoded_frame(ssv2):
     src, dst, status = ssv2
     assert status == 1
     assert failure_sources(dst) == {str(src / "zero.webm"), str(src / "truncated.webm")}
-    assert sorted(p.name for p in dst.iterdir()) == ["1", "22", "333", "failures.txt", "manifest.csv"]
+    assert sorted(p.name for p in dst.iterdir()) == ["1", "22", "333", "failures.txt", "manifest.csv", "settings.json"]
     # 333 has a variable rate: 60 frames, none dropped or repeated
     for video_id, size, frames in (("1", (160, 120), 24), ("22", (97, 61), 12), ("333", (160, 120), 60)):
         assert int(video_stream(src / f"{video_id}.webm")["nb_read_frames"]) == frames
@@ -417,7 +427,7 @@ def test_a_killed_worker_fails_its_own_input_only(tmp_path):
     tasks = [common.Task(name, name) for name in names]
     status = []
     run = threading.Thread(target=lambda: status.append(
-        common.run_tasks(KilledByOneInput(tmp_path, tmp_path / "out"), tasks, tmp_path / "out", 2, "test")))
+        common.run_tasks(KilledByOneInput(tmp_path, tmp_path / "out"), tasks, tmp_path / "out", 2, "test", {})))
     run.start()
     run.join(timeout=120)
     assert not run.is_alive(), "the run waits forever for the killed worker"
