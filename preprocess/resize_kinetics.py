@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 
@@ -53,6 +53,13 @@ class EncodeSettings:
     bframes: int = DEFAULT_BFRAMES
     keep_audio: bool = False
     threads: int = 1  # per ffmpeg process; parallelism comes from the worker processes
+
+    def output_settings(self) -> dict:
+        """The options that shape the outputs, as JSON values (recorded in DST/settings.json): all but `threads`."""
+        values = asdict(self)
+        del values["threads"]
+        values["fps"] = None if self.fps is None else str(self.fps)
+        return values
 
 
 def encode_command(source: Path, out: Path, rate: Fraction, settings: EncodeSettings) -> list[str]:
@@ -174,10 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if not sources:
         print(f"warning: no video files under {args.src}", file=sys.stderr)
     tasks = [common.Task(source, output_name(source)) for source in sources]
-    shaping = {"short_side": args.short_side, "fps": None if args.fps is None else str(args.fps), "gop": args.gop,
-               "preset": args.preset, "crf": args.crf, "bframes": args.bframes, "keep_audio": args.keep_audio}
     return common.run_tasks(Mp4Resizer(args.src, args.dst, settings), tasks, args.dst, args.workers, desc="resize",
-                            settings=shaping)
+                            settings=settings.output_settings())
 
 
 if __name__ == "__main__":
