@@ -120,6 +120,8 @@ class TrainConfig:
     log_every_steps: int = 10
     num_vis_clips: int = 2  # clips drawn with their sampled patches to TensorBoard after each validation
     max_steps_per_epoch: int = 0  # cap on optimizer steps per epoch (smoke runs); 0 = the whole epoch
+    deterministic: bool = False  # GPU: deterministic kernels, so a rerun or resume gives bit-identical weights
+    # (slower; see README). The CPU path is deterministic without it.
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "micro_batch_size", "val_every_epochs", "log_every_steps"):
@@ -136,18 +138,26 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
+ENSEMBLES = ("sum_logits", "mean_softmax", "max")
+
+
 @dataclass
 class EvalConfig:
     num_clips: int = 4  # temporal clips per video
     num_crops: int = 3  # spatial crops per clip (1 = centre, 3 = left/centre/right along the long side)
     batch_size: int = 4  # videos per process per step (each brings num_clips x num_crops views)
-    checkpoint: str = ""
+    checkpoint: str = "last"  # last | best (chosen on data.val_list) | a path; the paper reports the last epoch
+    ensemble: str = ""  # sum_logits | mean_softmax | max (of the logits) over a video's views; "" = the model
+    # family's default, as the original code: sum_logits for the ViT
     out_dir: str = ""  # results.json and predictions.csv; default: train.out_dir
 
     def __post_init__(self):
         _check_positive("eval.num_clips", self.num_clips)
         _check_positive("eval.batch_size", self.batch_size)
         _check_choice("eval.num_crops", self.num_crops, (1, 3))
+        _check_choice("eval.ensemble", self.ensemble, ("",) + ENSEMBLES)
+        if not self.checkpoint:
+            raise ValueError("eval.checkpoint must be 'last', 'best' or a path, got ''")
 
 
 @dataclass

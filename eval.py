@@ -1,21 +1,26 @@
-"""Multi-view testing: N temporal clips x 3 spatial crops per video, softmax scores averaged per video.
+"""Multi-view testing: N temporal clips x 3 spatial crops per video, combined per video as the original code does.
 
-    python eval.py --config configs/kcenter_vit_kinetics.yaml --checkpoint runs/k400/best.pt
-    torchrun --nproc_per_node=8 eval.py --config ... --checkpoint ... eval.num_clips=4 [--save-patches DIR]
+    python eval.py --config configs/kcenter_vit_kinetics.yaml                 # eval.checkpoint: last (default)
+    torchrun --nproc_per_node=8 eval.py --config ... --checkpoint runs/k400/best.pt eval.num_clips=4 \
+        [--save-patches DIR]
 
-Writes results.json (metrics, config, checkpoint, counts, excluded videos) and predictions.csv (one row per
-video) to eval.out_dir (default: train.out_dir). Every video of the test list is scored exactly once across
+The checkpoint is `--checkpoint`, else `eval.checkpoint`: last (train.out_dir/last.pt, the paper's protocol),
+best, or a path. Views are combined by `eval.ensemble` (default: the model family's, as the original: the sum of
+the ViT's logits). The K-center starts of each view are a function of (train.seed, video, view), so the results
+do not depend on the batch size, the number of processes or the run.
+
+Writes results.json (metrics, checkpoint, ensemble, counts, excluded videos, config) and predictions.csv (one row
+per video) to eval.out_dir (default: train.out_dir). Every video of the test list is scored exactly once across
 ranks; a video that cannot be decoded is listed under "excluded", never replaced by another.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
+import itertools
 import json
 import logging
 import os
-import tempfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -26,15 +31,27 @@ from tqdm import tqdm
 from config import Config, load_config
 from models import build_model
 from pipelines import build_loader
-from train import autocast_dtype, setup_distributed, setup_logging
+from runtime import (TEST_STARTS, autocast_dtype, kcenter_seeds, load_model_weights, parse_command_line,
+                     read_checkpoint, resolve_checkpoint, setup_distributed, setup_logging, write_atomic)
 from vis import draw_sampled_patches, save_png
 
 log = logging.getLogger("kcenter")
 
 
-def aggregate_views(probs: torch.Tensor) -> torch.Tensor:
-    """(B, V, K) per-view softmax scores -> (B, K) per-video scores (the mean over views)."""
-    return probs.mean(dim=1)
+def aggregate_views(logits: torch.Tensor, ensemble: str) -> torch.Tensor:
+    """(B, V, K) per-view logits -> (B, K) per-video scores.
+
+    sum_logits: the sum of the logits (the original's "sum" on the ViT and TimeSformer, whose outputs are logits);
+    mean_softmax: the mean of the softmax scores (the original's "sum" on the Motionformer, whose eval output is a
+    softmax; the mean ranks alike); max: the largest logit over the views (the original's "max", which also
+    clamps at zero because it starts from zeros: not copied)."""
+    if ensemble == "sum_logits":
+        return logits.sum(dim=1)
+    if ensemble == "mean_softmax":
+        return logits.softmax(-1).mean(dim=1)
+    if ensemble == "max":
+        return logits.amax(dim=1)
+    raise ValueError(f"eval.ensemble must be one of sum_logits, mean_softmax, max; got {ensemble!r}")
 
 
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
@@ -49,9 +66,16 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[st
             "videos": int(len(labels))}
 
 
+def view_seeds(seed: int, index: torch.Tensor, num_views: int) -> torch.Tensor:
+    """(B * V,) K-center seeds of the views of videos `index` (B,), video-major like the flattened views."""
+    views = torch.arange(num_views).repeat(len(index))
+    return kcenter_seeds(seed, TEST_STARTS, views, index.repeat_interleave(num_views))
+
+
 @torch.no_grad()
-def score_videos(model, loader, device, amp_dtype, rank: int, save_patches: str | None = None, cfg=None):
-    """{dataset index: (label, averaged scores)} for this rank's share of the test videos."""
+def score_videos(model, loader, device, amp_dtype, rank: int, cfg: Config, ensemble: str,
+                 save_patches: str | None = None):
+    """{dataset index: (label, combined scores)} for this rank's share of the test videos."""
     model.eval()
     results, drawn = {}, 0
     for batch in tqdm(loader, desc="test", disable=rank != 0, dynamic_ncols=True):
@@ -59,22 +83,23 @@ def score_videos(model, loader, device, amp_dtype, rank: int, save_patches: str 
         if B == 0:
             continue
         views = batch.clips.flatten(0, 1)  # (B*V, C, T, H, W)
+        seeds = view_seeds(cfg.train.seed, batch.index, V)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(views)
-        scores = aggregate_views(logits.float().softmax(-1).view(B, V, -1)).cpu().numpy()
+            logits = model(views, seeds=seeds)
+        scores = aggregate_views(logits.float().view(B, V, -1), ensemble).cpu().numpy()
         for i, index in enumerate(batch.index.tolist()):
             results[index] = (int(batch.labels[i]), scores[i])
         if save_patches and drawn < 8:
-            drawn += draw_first_views(model, batch, save_patches, cfg, limit=8 - drawn)
+            drawn += draw_first_views(model, batch, seeds.view(B, V), save_patches, cfg, limit=8 - drawn)
     return results
 
 
-def draw_first_views(model, batch, out_dir: str, cfg: Config, limit: int) -> int:
-    """PNG of the sampled patches on the centre crop of each video's first clip."""
+def draw_first_views(model, batch, seeds: torch.Tensor, out_dir: str, cfg: Config, limit: int) -> int:
+    """PNG of the sampled patches on the centre crop of each video's first clip, as that view was scored."""
     V = batch.clips.shape[1]
-    centre = 1 if cfg.eval.num_crops == 3 else 0
-    clips = batch.clips[:limit, centre if V > 1 else 0]
-    _, t_index, s_index = model.select_tokens(clips)
+    centre = 1 if cfg.eval.num_crops == 3 and V > 1 else 0
+    clips = batch.clips[:limit, centre]
+    _, t_index, s_index = model.select_tokens(clips, seeds=seeds[:limit, centre])
     for i in range(len(clips)):
         image = draw_sampled_patches(clips[i], t_index[i], s_index[i], cfg.model.patch_size, cfg.data.mean,
                                      cfg.data.std, model.sampler.hybrid_frames.tolist())
@@ -96,25 +121,17 @@ def gather_results(results: dict, world: int) -> dict:
     return merged
 
 
-def write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_results(out_dir: str, cfg: Config, checkpoint: str, results: dict, loader) -> dict:
+def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, results: dict, loader) -> dict:
     indices = sorted(results)
     labels = np.array([results[i][0] for i in indices])
     scores = np.stack([results[i][1] for i in indices]) if indices else np.zeros((0, cfg.model.num_classes))
     metrics = compute_metrics(scores, labels, loader.class_names) if indices else {"videos": 0}
     excluded = [{"path": path, "error": error} for path, error in loader.bad_videos]
     missing = [{"path": path, "listed_at": where} for path, where in loader.missing_videos]  # data.allow_missing
-    summary = {"metrics": metrics, "checkpoint": os.path.abspath(checkpoint), "split_videos": loader.num_videos,
+    summary = {"metrics": metrics, "checkpoint": checkpoint, "split_videos": loader.num_videos,
                "scored_videos": len(indices), "excluded": excluded, "missing": missing,
-               "views": {"clips": cfg.eval.num_clips, "crops": cfg.eval.num_crops}, "config": cfg.to_dict()}
+               "views": {"clips": cfg.eval.num_clips, "crops": cfg.eval.num_crops, "ensemble": ensemble},
+               "config": cfg.to_dict()}
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2))
     rows = io.StringIO()
     writer = csv.writer(rows)
@@ -127,26 +144,51 @@ def write_results(out_dir: str, cfg: Config, checkpoint: str, results: dict, loa
     return summary
 
 
+# model settings that do not change the function a trained model computes at test time
+_EVAL_IRRELEVANT = {"pretrained", "drop_rate", "pos_drop_rate", "attn_drop_rate", "drop_path_rate"}
+
+
+def check_checkpoint_fits(ckpt: dict, cfg: Config, path: str, class_names: list[str]) -> None:
+    """An error naming each model setting in which the config differs from the run that wrote `path`, or a test
+    list whose classes are not the ones the model was trained on (the accuracy would be silently wrong)."""
+    saved, current = ckpt["config"].get("model", {}), cfg.to_dict()["model"]
+    changed = [f"model.{key}: {saved[key]!r} in the checkpoint, {value!r} in the config"
+               for key, value in current.items() if key not in _EVAL_IRRELEVANT and key in saved and saved[key] != value]
+    if changed:
+        raise ValueError(f"{path} was trained with other model settings than this config: {'; '.join(changed)}. "
+                         f"Test with the config of the run that wrote it (its out_dir/config.yaml)")
+    trained = ckpt.get("class_names")
+    if trained is not None and list(trained) != list(class_names):
+        first = next(i for i, pair in enumerate(itertools.zip_longest(trained, class_names)) if pair[0] != pair[1])
+        at = [names[first] if first < len(names) else None for names in (trained, class_names)]
+        raise ValueError(f"{path}: the model's {len(trained)} classes are not the data's {len(class_names)} "
+                         f"(class {first} is {at[0]!r} in the checkpoint and {at[1]!r} in the data)")
+
+
 def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> dict:
     rank, world, device = setup_distributed(cfg)
     out_dir = cfg.eval.out_dir or cfg.train.out_dir
     setup_logging(out_dir, rank)
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    ckpt = read_checkpoint(checkpoint)
     model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)), load_pretrained=False)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
-    model.to(device)
     loader = build_loader(cfg.data, "test", batch_size=cfg.eval.batch_size, rank=rank, world_size=world,
                           device_id=device.index if device.type == "cuda" else None, seed=cfg.train.seed,
                           num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops)
-    results = score_videos(model, loader, device, autocast_dtype(cfg, device), rank, save_patches, cfg)
+    check_checkpoint_fits(ckpt, cfg, checkpoint, loader.class_names)
+    load_model_weights(model, ckpt, checkpoint)
+    model.to(device)
+    ensemble = cfg.eval.ensemble or model.test_ensemble
+    log.info("testing %s (epoch %d, step %d): %d clips x %d crops, views combined by %s", checkpoint, ckpt["epoch"],
+             ckpt["step"], cfg.eval.num_clips, cfg.eval.num_crops, ensemble)
+    results = score_videos(model, loader, device, autocast_dtype(cfg, device), rank, cfg, ensemble, save_patches)
     results = gather_results(results, world)
     bad = gather_results({path: err for path, err in loader.bad_videos}, world) if world > 1 else None
     if bad is not None:
         loader.bad_videos[:] = sorted(bad.items())
     if rank != 0:
         return {}
-    summary = write_results(out_dir, cfg, checkpoint, results, loader)
+    info = {"path": os.path.abspath(checkpoint), "epoch": ckpt["epoch"], "step": ckpt["step"]}
+    summary = write_results(out_dir, cfg, info, ensemble, results, loader)
     m = summary["metrics"]
     log.info("test: %d/%d videos scored (%d excluded), %d clips x %d crops: top-1 %.2f%%, top-5 %.2f%%",
              summary["scored_videos"], loader.num_videos, len(summary["excluded"]), cfg.eval.num_clips,
@@ -155,16 +197,15 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
     return summary
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint", help="default: eval.checkpoint, else train.out_dir/best.pt")
+def add_options(parser) -> None:
+    parser.add_argument("--checkpoint", help="a checkpoint file; default: eval.checkpoint (last, best or a path)")
     parser.add_argument("--save-patches", metavar="DIR", help="PNGs of the patches K-center picks on a few videos")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.num_clips=4")
-    args = parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_command_line(__doc__, argv, add_options)
     cfg = load_config(args.config, args.overrides)
-    checkpoint = args.checkpoint or cfg.eval.checkpoint or os.path.join(cfg.train.out_dir, "best.pt")
-    run_eval(cfg, checkpoint, args.save_patches)
+    run_eval(cfg, resolve_checkpoint(cfg, args.checkpoint), args.save_patches)
     if dist.is_initialized():
         dist.destroy_process_group()
 

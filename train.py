@@ -9,13 +9,9 @@ best.pt; a run restarted with the same out_dir resumes from last.pt and continue
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import random
-import sys
-import tempfile
 import time
 from contextlib import nullcontext
 
@@ -29,41 +25,12 @@ from tqdm import tqdm
 from config import Config, load_config
 from models import build_model
 from pipelines import build_loader
+from runtime import (TRAIN_STARTS, VAL_STARTS, autocast_dtype, kcenter_seeds, load_model_weights, parse_command_line,
+                     read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed,
+                     setup_logging)
 from vis import draw_sampled_patches
 
 log = logging.getLogger("kcenter")
-
-
-def setup_distributed(cfg: Config):
-    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (1 process without them); NCCL on GPU, gloo on CPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.data.device == "gpu":
-        if not torch.cuda.is_available():
-            raise RuntimeError("data.device is 'gpu' but CUDA is not available; run with data.device=cpu")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def setup_logging(out_dir: str, rank: int) -> None:
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(out_dir, "train.log")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(message)s")
-
-
-def autocast_dtype(cfg: Config, device: torch.device):
-    """bf16/fp16 autocast on GPU; CPU runs fp32 whatever the config says (CPU half precision is slow)."""
-    if device.type != "cuda" or cfg.train.precision == "fp32":
-        return None
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
 
 
 def accumulation_steps(cfg: Config, world: int) -> int:
@@ -89,46 +56,6 @@ def build_schedule(optimizer, cfg: Config, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: no context on the other GPUs
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: a kill leaves the old file or the new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint(path: str, model, optimizer=None, scheduler=None, scaler=None) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
-        if obj is not None and ckpt.get(key) is not None:
-            obj.load_state_dict(ckpt[key])
-    return ckpt
-
-
 # What a resumed run must share with the run that wrote last.pt to continue exactly as if never stopped.
 RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size"],
                "train": ["seed", "epochs", "batch_size", "micro_batch_size", "max_steps_per_epoch", "lr",
@@ -152,7 +79,7 @@ def check_resumable(ckpt: dict, cfg: Config, world: int, path: str) -> None:
 
 
 def gather_rng_states(world: int) -> list:
-    """Every rank's RNG state (dropout, K-center starts), so a resume restores each rank's own stream."""
+    """Every rank's RNG state (dropout, drop path), so a resume restores each rank's own stream."""
     if world == 1:
         return [rng_state()]
     states = [None] * world
@@ -168,8 +95,7 @@ class Trainer:
         self.accum = accumulation_steps(cfg, world)
         self.amp_dtype = autocast_dtype(cfg, device)
         self.last_path = os.path.join(cfg.train.out_dir, "last.pt")
-        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False) \
-            if os.path.exists(self.last_path) else {}
+        ckpt = read_checkpoint(self.last_path) if os.path.exists(self.last_path) else {}
         if ckpt:
             check_resumable(ckpt, cfg, world, self.last_path)
         self.epoch, self.batch_in_epoch = ckpt.get("epoch", 0), ckpt.get("batch_in_epoch", 0)
@@ -195,7 +121,8 @@ class Trainer:
         self.val_loader = self._loader("val", 0, 0) if cfg.data.val_list else None
         self.writer = self._tensorboard() if rank == 0 else None
 
-        torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout and K-center starts
+        # per-rank stream for dropout and drop path (the K-center starts are a function of seed, epoch and video)
+        torch.manual_seed(cfg.train.seed * 1000 + rank)
         if ckpt:
             self._restore(ckpt)
 
@@ -206,7 +133,7 @@ class Trainer:
                             seed=self.cfg.train.seed, start_epoch=start_epoch, start_batch=start_batch)
 
     def _restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        load_model_weights(self.model, ckpt, self.last_path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
@@ -223,7 +150,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler and self.scaler.state_dict(),
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step, "best_top1": self.best_top1,
-                "rng": gather_rng_states(self.world), "config": self.cfg.to_dict()}
+                "rng": gather_rng_states(self.world), "config": self.cfg.to_dict(),
+                "class_names": list(self.train_loader.class_names)}
 
     def save(self, epoch: int, batch_in_epoch: int, best: bool = False) -> None:
         state = self.checkpoint_state(epoch, batch_in_epoch)  # collective: every rank takes part
@@ -232,9 +160,9 @@ class Trainer:
                 save_checkpoint(os.path.join(self.cfg.train.out_dir, "best.pt"), state)
             save_checkpoint(self.last_path, state)
 
-    def forward_loss(self, clips, labels):
+    def forward_loss(self, clips, labels, seeds):
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
-            logits = self.ddp(clips)
+            logits = self.ddp(clips, seeds=seeds)
             # sum over the rows present / nominal rows per optimizer step on this rank: the accumulated gradient is
             # the mean over the step's clips (DDP averages the ranks), a batch that lost a bad video still counts
             # its samples at the same weight, and an empty one still runs forward/backward (DDP needs every rank)
@@ -275,7 +203,8 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
         batch_index += 1
         last_micro = batch_index % tr.accum == 0
         with model.no_sync() if tr.world > 1 and not last_micro else nullcontext():
-            loss, _ = tr.forward_loss(batch.clips, batch.labels)
+            seeds = kcenter_seeds(cfg.train.seed, TRAIN_STARTS, epoch, batch.index)  # K-center starts
+            loss, _ = tr.forward_loss(batch.clips, batch.labels, seeds)
             (tr.scaler.scale(loss) if tr.scaler else loss).backward()
         sums["loss"] += loss.item()
         sums["clips"] += len(batch.labels)
@@ -308,18 +237,20 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(tr: Trainer, loader) -> tuple[dict, torch.Tensor | None]:
-    """Single-view validation: top-1/top-5 over every video of the split exactly once (summed over ranks).
+def evaluate(tr: Trainer, loader) -> tuple[dict, tuple | None]:
+    """Single-view validation: top-1/top-5 over every video of the split exactly once (summed over ranks). The
+    K-center starts are a function of (seed, video), the same every epoch, and draw nothing from the training RNG.
 
-    Also returns the first clips seen, for the picture of sampled patches."""
+    Also returns the first clips seen and their seeds, for the picture of sampled patches."""
     tr.ddp.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=tr.device)  # correct@1, correct@5, count
-    first_clips = None
+    first = None
     for batch in tqdm(loader, desc="val", disable=tr.rank != 0, dynamic_ncols=True):
-        if first_clips is None and len(batch.labels):
-            first_clips = batch.clips[: tr.cfg.train.num_vis_clips]
+        seeds = kcenter_seeds(tr.cfg.train.seed, VAL_STARTS, 0, batch.index)
+        if first is None and len(batch.labels):
+            first = batch.clips[: tr.cfg.train.num_vis_clips], seeds[: tr.cfg.train.num_vis_clips]
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype) if tr.amp_dtype else nullcontext():
-            logits = tr.model(batch.clips)
+            logits = tr.model(batch.clips, seeds=seeds)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == batch.labels[:, None]
         count = hits.new_tensor(len(hits), dtype=torch.int64)  # on the device, like the sums
@@ -328,14 +259,13 @@ def evaluate(tr: Trainer, loader) -> tuple[dict, torch.Tensor | None]:
         dist.all_reduce(totals)
     correct1, correct5, count = totals.tolist()
     metrics = {"top1": 100 * correct1 / max(count, 1), "top5": 100 * correct5 / max(count, 1), "videos": int(count)}
-    return metrics, first_clips
+    return metrics, first
 
 
 @torch.no_grad()
-def log_sampled_patches(tr: Trainer, clips: torch.Tensor, epoch: int) -> None:
-    """TensorBoard image of the patches the sampler keeps on a few validation clips."""
-    # a fixed first pick: drawing it would consume the training RNG stream that a resume must replay
-    _, t_index, s_index = tr.model.select_tokens(clips, start=torch.zeros(len(clips), dtype=torch.long))
+def log_sampled_patches(tr: Trainer, clips: torch.Tensor, seeds: torch.Tensor, epoch: int) -> None:
+    """TensorBoard image of the patches the sampler keeps on a few validation clips (the picks validation used)."""
+    _, t_index, s_index = tr.model.select_tokens(clips, seeds=seeds)
     for i in range(len(clips)):
         image = draw_sampled_patches(clips[i], t_index[i], s_index[i], tr.cfg.model.patch_size, tr.cfg.data.mean,
                                      tr.cfg.data.std, tr.model.sampler.hybrid_frames.tolist())
@@ -358,6 +288,8 @@ def run_training(cfg: Config) -> dict:
     setup_logging(cfg.train.out_dir, rank)
     if rank == 0:
         cfg.save(os.path.join(cfg.train.out_dir, "config.yaml"))
+    if cfg.data.test_list:
+        log.info("after training: multi-view test of %s", resolve_checkpoint(cfg))  # warns on test-set selection
     prepare_demo_data(cfg, rank, world)
     tr = Trainer(cfg, rank, world, device)
     log.info("%d train videos, %d optimizer steps/epoch, accumulation %d, world %d, device %s, autocast %s",
@@ -372,7 +304,7 @@ def run_training(cfg: Config) -> dict:
         best = False
         if tr.val_loader is not None and ((epoch + 1) % cfg.train.val_every_epochs == 0 or
                                           epoch + 1 == cfg.train.epochs):
-            metrics, vis_clips = evaluate(tr, tr.val_loader)
+            metrics, vis = evaluate(tr, tr.val_loader)
             best = metrics["top1"] > tr.best_top1
             tr.best_top1 = max(tr.best_top1, metrics["top1"])
             log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%% on %d videos", epoch, metrics["top1"],
@@ -380,30 +312,23 @@ def run_training(cfg: Config) -> dict:
             if tr.writer:
                 for key in ("top1", "top5"):
                     tr.writer.add_scalar(f"val/{key}", metrics[key], epoch)
-                if vis_clips is not None and cfg.train.num_vis_clips:
-                    log_sampled_patches(tr, vis_clips, epoch)
+                if vis is not None and cfg.train.num_vis_clips:
+                    log_sampled_patches(tr, *vis, epoch)
         tr.save(epoch + 1, 0, best=best or tr.val_loader is None)
     if tr.writer:
         tr.writer.close()
     return metrics
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_command_line(__doc__, argv)
     cfg = load_config(args.config, args.overrides)
     run_training(cfg)
-    if cfg.data.test_list:  # multi-view test of the best checkpoint, as eval.py would run it
+    if cfg.data.test_list:  # the multi-view test of eval.checkpoint (default: the last epoch), as eval.py runs it
         if dist.is_initialized():
-            dist.barrier()  # rank 0 may still be writing best.pt
+            dist.barrier()  # rank 0 may still be writing the checkpoint
         from eval import run_eval
-        run_eval(cfg, os.path.join(cfg.train.out_dir, "best.pt"))
+        run_eval(cfg, resolve_checkpoint(cfg))
     if dist.is_initialized():
         dist.destroy_process_group()
 

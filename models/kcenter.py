@@ -68,15 +68,37 @@ def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
     start = start.to(device=points.device, dtype=torch.int64)
     if B == 0:
         return torch.empty(0, k, dtype=torch.int64, device=points.device)
-    if points.is_cuda:
-        if TRITON_AVAILABLE and os.environ.get("KCENTER_TRITON", "1") != "0":
-            return kcenter_sample_triton(points, k, start)
-        return _kcenter_batched(points.float(), k, start)
-    return _kcenter_cpu(points.float(), k, start)
+    # distances in fp32 or wider whatever autocast is active around the model (bf16 would change the picks)
+    with torch.autocast(points.device.type, enabled=False):
+        if points.is_cuda:
+            if TRITON_AVAILABLE and os.environ.get("KCENTER_TRITON", "1") != "0":
+                return kcenter_sample_triton(points, k, start)
+            return _kcenter_batched(points.float(), k, start)
+        return _kcenter_cpu(points.float(), k, start)
+
+
+def mix_keys(*columns) -> np.ndarray:
+    """One 64-bit hash per row of integer key columns (ints or 1-D arrays of one length), e.g. (seed, epoch,
+    video index): a fixed function of the keys, the same on every machine, process and batch layout."""
+    columns = [np.asarray(c, dtype=np.int64).astype(np.uint64) for c in columns]
+    h = np.zeros(np.broadcast_shapes(*(c.shape for c in columns)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for c in columns:  # splitmix64 finaliser over each key in turn
+            h = (h ^ c) + np.uint64(0x9E3779B97F4A7C15)
+            h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h = h ^ (h >> np.uint64(31))
+    return h
+
+
+def seeded_starts(seeds: Tensor, num_points: int, stream: int = 0) -> Tensor:
+    """(B,) int64 clip seeds -> (B,) first picks in [0, num_points), a fixed function of (seed, stream)."""
+    return torch.from_numpy((mix_keys(seeds.cpu().numpy(), stream) % np.uint64(num_points)).astype(np.int64))
 
 
 def _kcenter_batched(x: Tensor, k: int, start: Tensor) -> Tensor:
-    """All clips at once, one bmm per pick, indices stay on the device (no host sync inside the loop)."""
+    """All clips at once, one bmm per pick, indices stay on the device (no host sync inside the loop).
+    Runs with autocast off (see `kcenter_sample`): under bf16 autocast the bmm would round the distances."""
     B, N, _ = x.shape
     rows = torch.arange(B, device=x.device)
     sq = (x * x).sum(-1)  # (B, N)
@@ -304,7 +326,9 @@ class KCenterTokenSampler(nn.Module):
 
     forward(clip (B, C, T, H, W)) -> patches (B, K, C*p*p), t_index (B, K), s_index (B, K), where t_index is
     the frame of each patch and s_index = row * grid + col its place in the frame. Hybrid patches come in frame
-    and raster order, k-center patches in the order chosen.
+    and raster order, k-center patches in the order chosen. The first k-center pick of each clip is `start`,
+    else a function of `seeds` (B,) (one int64 per clip, e.g. from (seed, epoch, video)), else drawn from
+    torch's global RNG.
     """
 
     def __init__(self, *, num_frames: int, img_size: int, patch_size: int, num_tokens: int,
@@ -330,7 +354,8 @@ class KCenterTokenSampler(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     @torch.no_grad()
-    def forward(self, clip: Tensor, start: Tensor | None = None, generator: torch.Generator | None = None):
+    def forward(self, clip: Tensor, start: Tensor | None = None, generator: torch.Generator | None = None,
+                seeds: Tensor | None = None):
         patches = patchify(clip, self.patch_size)  # (B, T, h, w, C*p*p)
         B, T = patches.shape[:2]
         per_frame = self.grid ** 2
@@ -339,6 +364,8 @@ class KCenterTokenSampler(nn.Module):
         if self.num_kcenter_tokens:
             others = patches[:, self.kcenter_frames].flatten(1, 3)  # (B, N, C*p*p)
             coords = self.kcenter_coords.to(others.dtype).expand(B, -1, -1)
+            if start is None and seeds is not None:
+                start = seeded_starts(seeds, others.shape[1])
             picks = kcenter_sample(torch.cat([others, coords], dim=-1), self.num_kcenter_tokens, start, generator)
             chosen.append(flat_index[self.kcenter_frames].flatten()[picks])  # back to indices in the whole clip
         index = torch.cat(chosen, dim=1)  # (B, K)

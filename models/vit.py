@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class KCenterViT(nn.Module):
+    # how eval.py combines a video's views by default: the original sums the ViT's logits (utils/meters.py)
+    test_ensemble = "sum_logits"
+
     def __init__(self, *, num_classes: int, num_frames: int = 32, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, num_tokens: int = 1568, num_hybrid_frames: int = 3,
@@ -61,21 +64,24 @@ class KCenterViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def select_tokens(self, clip: Tensor, start: Tensor | None = None):
-        """clip (B, C, T, H, W) -> tokens (B, K, C*p*p), t_index (B, K), s_index (B, K)."""
-        return self.sampler(clip, start=start)
+    def select_tokens(self, clip: Tensor, start: Tensor | None = None, seeds: Tensor | None = None):
+        """clip (B, C, T, H, W) -> tokens (B, K, C*p*p), t_index (B, K), s_index (B, K).
+        The k-center starts: `start` (B,), else a function of `seeds` (B,), else random (KCenterTokenSampler)."""
+        return self.sampler(clip, start=start, seeds=seeds)
 
     def forward_tokens(self, tokens: Tensor, t_index: Tensor, s_index: Tensor) -> Tensor:
         proj = self.patch_embed.proj
         x = F.linear(tokens, proj.weight.flatten(1), proj.bias)  # (B, K, D)
-        x = x + self.pos_embed[0, s_index + 1] + self.time_embed[0, t_index]
+        # F.embedding, not pos_embed[0, index]: the backward of advanced indexing accumulates in a thread-dependent
+        # order on the CPU, so two runs of one command would end with different weights
+        x = x + F.embedding(s_index + 1, self.pos_embed[0]) + F.embedding(t_index, self.time_embed[0])
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = self.pos_drop(torch.cat([cls, x], dim=1))  # (B, 1 + K, D)
         x = self.norm(self.blocks(x))
         return self.head(self.head_drop(x[:, 0]))
 
-    def forward(self, clip: Tensor, start: Tensor | None = None) -> Tensor:
-        tokens, t_index, s_index = self.select_tokens(clip, start)
+    def forward(self, clip: Tensor, start: Tensor | None = None, seeds: Tensor | None = None) -> Tensor:
+        tokens, t_index, s_index = self.select_tokens(clip, start, seeds)
         return self.forward_tokens(tokens.to(self.pos_embed.dtype), t_index, s_index)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -109,8 +115,9 @@ def load_pretrained_2d(model: KCenterViT, source: str) -> list[str]:
     """Initialise from a 2-D ViT: a local .pth/.pt/.bin/.safetensors state dict, or a timm model name.
 
     Copies the patch embedding, class token, spatial position embedding (resampled if the grid differs), blocks
-    and final norm; the head and the temporal embedding keep their fresh initialisation. Returns the names of
-    the model's parameters that were loaded.
+    and final norm; the head keeps its fresh initialisation. The temporal embedding is set to zero, as the
+    original does, so the model starts as the image model, blind to the frame order. Returns the names of the
+    model's parameters that were loaded.
     """
     state = _read_2d_state_dict(source)
     own = model.state_dict()
@@ -126,6 +133,8 @@ def load_pretrained_2d(model: KCenterViT, source: str) -> list[str]:
         raise ValueError(f"pretrained weights from {source}: no ViT block weights found (keys like "
                          f"{list(state)[:3]}); expected a timm VisionTransformer state dict")
     model.load_state_dict(wanted, strict=False)
+    with torch.no_grad():
+        model.time_embed.zero_()
     missing = sorted(k for k in own if k not in wanted and not k.startswith(("head.", "time_embed")))
     if missing:
         log.warning("pretrained weights from %s lack %d tensors, left at init: %s", source, len(missing), missing[:8])

@@ -6,7 +6,8 @@ got without stopping, whatever the number of ranks or workers.
 
 The clip protocol is that of the paper's code (Park et al., ECCV 2022, built on SlowFast):
 - Kinetics: a clip spans `sampling_rate * num_frames / target_fps * fps` source frames; its start is drawn
-  uniformly in training, is `i / num_clips` of the slack for test clip i, and the centre for validation;
+  uniformly in training, is `i / num_clips` of the slack for test clip i, and the first frame for validation
+  (the original's val branch takes clip 0 of 1);
   `num_frames` indices are spread over the span with `linspace` and clamped to the video (edge padding).
 - SSv2: `num_frames` segments of `(n - 1) / num_frames` frames; a random frame of each segment in training,
   the middle one otherwise.
@@ -80,11 +81,12 @@ def kinetics_frame_indices(num_video_frames: int, video_fps: float, num_frames: 
 
 
 def kinetics_positions(mode: str, rng: np.random.Generator | None, num_clips: int = 1) -> list[float]:
-    """Clip start positions: one uniform draw (train), the centre (val), or i / num_clips (test)."""
+    """Clip start positions: one uniform draw (train), the start of the video (val, as the original), or
+    i / num_clips (test)."""
     if mode == "train":
         return [float(rng.uniform())]
     if mode == "val":
-        return [0.5]
+        return [0.0]
     return [i / num_clips for i in range(num_clips)]
 
 

@@ -165,7 +165,7 @@ def test_kinetics_indices_match_original(n, fps):
 
 def test_kinetics_test_and_val_positions():
     assert sampling.kinetics_positions("test", None, 4) == [0.0, 0.25, 0.5, 0.75]  # delta * i / num_clips
-    assert sampling.kinetics_positions("val", None) == [0.5]
+    assert sampling.kinetics_positions("val", None) == [0.0]  # the original's val branch: clip 0 of 1
     u = sampling.kinetics_positions("train", np.random.default_rng(0))
     assert len(u) == 1 and 0 <= u[0] < 1
 

@@ -215,3 +215,33 @@ def test_coordinates_spread_picks_in_time():
 def test_token_budget_validated():
     with pytest.raises(ValueError, match="num_tokens"):
         make_sampler(num_tokens=20)  # less than 2 hybrid frames of 16 patches
+
+
+@pytest.mark.parametrize("path", ["cpu", "batched"])
+def test_distances_stay_fp32_under_bf16_autocast(path, cpu_path, monkeypatch):
+    # the CUDA fallback loop (`_kcenter_batched`) runs bmm, which autocast would run in bf16; here it runs on CPU
+    # tensors in place of the CPU path, under CPU autocast, where bmm is also a bf16 op
+    if path == "batched":
+        monkeypatch.setattr(kcenter, "_kcenter_cpu", _kcenter_batched)
+    g = torch.Generator().manual_seed(7)
+    points = torch.randn(3, 400, 771, generator=g) * 4 + 10  # far from 0: bf16 rounds the distances coarsely
+    start = torch.tensor([0, 17, 399])
+    expected = reference_kcenter(points, 120, start)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = points[:1]
+        assert torch.bmm(x, x.transpose(1, 2)).dtype == torch.bfloat16  # autocast is on for this op
+        assert not torch.equal(_kcenter_batched(points, 120, start), expected)  # unguarded: other picks
+        assert torch.equal(kcenter_sample(points, 120, start), expected)
+
+
+def test_seeded_starts_are_a_function_of_the_seeds():
+    sampler = make_sampler()
+    clip = torch.randn(3, 3, 8, 32, 32)
+    seeds = torch.tensor([11, -5, 2**62])
+    _, t_index, s_index = sampler(clip, seeds=seeds)
+    first = (t_index[:, 32] - 1) * 16 + s_index[:, 32]  # the first k-center pick among frames 1..6
+    assert torch.equal(first, kcenter.seeded_starts(seeds, 6 * 16))
+    assert torch.equal(s_index, sampler(clip, seeds=seeds)[2])
+    assert torch.equal(s_index[1:2], sampler(clip[1:2], seeds=seeds[1:2])[2])  # whatever else is in the batch
+    starts = kcenter.seeded_starts(torch.arange(2000), 48)
+    assert starts.min() >= 0 and starts.max() < 48 and len(starts.unique()) == 48  # every point is a start

@@ -52,15 +52,23 @@ def run(args, **kw):
 
 
 def model_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def test_aggregate_views_and_metrics_known_answer():
-    probs = torch.tensor([[[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]],    # mean 0.4 0.5 0.1 -> class 1
-                          [[0.1, 0.1, 0.8], [0.3, 0.3, 0.4]],    # -> class 2
-                          [[0.5, 0.4, 0.1], [0.5, 0.4, 0.1]]])   # -> class 0
-    scores = aggregate_views(probs).numpy()
-    assert np.allclose(scores[0], [0.4, 0.5, 0.1])
+def test_aggregate_views_each_ensemble_and_metrics_known_answer():
+    logits = torch.tensor([[[2.0, 1.0, 0.0], [-3.0, 1.5, 0.0]],    # sum -1 2.5 0; max 2 1.5 0
+                           [[0.0, 0.0, 1.0], [0.0, 0.0, 0.5]]])
+    assert torch.equal(aggregate_views(logits, "sum_logits"), torch.tensor([[-1.0, 2.5, 0.0], [0.0, 0.0, 1.5]]))
+    assert torch.equal(aggregate_views(logits, "max"), torch.tensor([[2.0, 1.5, 0.0], [0.0, 0.0, 1.0]]))
+    mean_softmax = aggregate_views(logits, "mean_softmax")
+    assert torch.allclose(mean_softmax, logits.softmax(-1).mean(1)) and torch.allclose(mean_softmax.sum(1),
+                                                                                         torch.ones(2))
+    # the ensembles rank differently: one confident view wins under max, the views' sum under sum_logits
+    assert aggregate_views(logits, "max")[0].argmax() == 0 and aggregate_views(logits, "sum_logits")[0].argmax() == 1
+    with pytest.raises(ValueError, match="eval.ensemble .* got 'mean'"):
+        aggregate_views(logits, "mean")
+
+    scores = np.array([[0.4, 0.5, 0.1], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
     metrics = compute_metrics(scores, np.array([1, 0, 1]), ["a", "b", "c"])
     assert metrics["top1"] == pytest.approx(100 / 3)
     assert metrics["top5"] == pytest.approx(100.0)  # 3 classes: top-5 always hits
@@ -107,20 +115,24 @@ def test_demo_train_then_eval_writes_results(tmp_path, demo_root):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # atomic writes left no temp files
     summary = json.loads((out / "results.json").read_text())
     assert summary["scored_videos"] == summary["split_videos"] == 8 and summary["excluded"] == []
-    assert summary["views"] == {"clips": 2, "crops": 3}
+    assert summary["views"] == {"clips": 2, "crops": 3, "ensemble": "sum_logits"}  # the ViT's default, as the original
+    assert summary["checkpoint"]["path"] == str(out / "last.pt") and summary["checkpoint"]["epoch"] == 2  # the paper's
     assert len((out / "predictions.csv").read_text().strip().splitlines()) == 1 + 8
-    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 3  # 12 videos / (2 x 2 accumulation) = 3 steps per epoch
     assert ckpt["config"]["train"]["batch_size"] == 4
     assert os.listdir(out / "tensorboard")
 
     # eval.py on its own, with patch pictures
     pictures = tmp_path / "patches"
-    result = run(["eval.py", "--config", config, "--checkpoint", str(out / "best.pt"), "--save-patches",
-                  str(pictures), "eval.num_clips=1", "eval.num_crops=1", f"eval.out_dir={tmp_path / 'ev'}"],
-                 timeout=300)
+    # overrides before, between and after the options
+    result = run(["eval.py", "--config", config, "eval.num_clips=1", "--checkpoint", str(out / "best.pt"),
+                  "eval.num_crops=1", "--save-patches", str(pictures), "eval.ensemble=max",
+                  f"eval.out_dir={tmp_path / 'ev'}"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "ev" / "results.json").read_text())["views"] == {"clips": 1, "crops": 1}
+    summary = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert summary["views"] == {"clips": 1, "crops": 1, "ensemble": "max"}
+    assert summary["checkpoint"]["path"] == str(out / "best.pt")
     assert len(list(pictures.glob("*.png"))) == 8
 
 
@@ -138,12 +150,12 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, demo_root):
     last = tmp_path / "killed" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once a mid-epoch checkpoint exists
-        if last.exists() and torch.load(last, weights_only=False)["step"] >= 2:
+        if last.exists() and torch.load(last, weights_only=True)["step"] >= 2:
             break
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed_from = torch.load(last, weights_only=False)
+    resumed_from = torch.load(last, weights_only=True)
     assert resumed_from["step"] < 6, "the run finished before it could be killed"
 
     result = run(["train.py", "--config", killed, *no_test], timeout=600)

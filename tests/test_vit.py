@@ -73,6 +73,27 @@ def test_loads_local_timm_vit_weights(tmp_path, suffix):
                 "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "norm.weight"):
         assert torch.equal(ours[key], theirs[key]), key
     assert not torch.equal(ours["head.weight"][:5], theirs["head.weight"][:5])  # head is new (5 classes)
+    assert torch.equal(ours["time_embed"], torch.zeros_like(ours["time_embed"]))  # starts as the image model
+    assert not torch.equal(KCenterViT(**TINY).time_embed, torch.zeros(1, 4, 48))  # from scratch: random
+
+
+def test_embedding_gradients_are_bit_identical_across_backward_passes():
+    # the gradient of a position embedding gathered by advanced indexing was summed in a thread-dependent order
+    torch.manual_seed(0)
+    model = KCenterViT(**{**TINY, "num_frames": 8, "num_tokens": 96, "img_size": 64, "drop_path_rate": 0.0})
+    tokens, t_index, s_index = model.select_tokens(torch.randn(16, 3, 8, 64, 64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        grads = []
+        for _ in range(10):
+            model.zero_grad()
+            model.forward_tokens(tokens, t_index, s_index).square().sum().backward()
+            grads.append((model.pos_embed.grad.clone(), model.time_embed.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for pos, time in grads[1:]:
+        assert torch.equal(pos, grads[0][0]) and torch.equal(time, grads[0][1])
 
 
 def test_pretrained_pos_embed_resampled_to_a_new_grid(tmp_path):

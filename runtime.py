@@ -1,0 +1,247 @@
+"""What train.py and eval.py share: the command line, processes and devices, determinism, checkpoints.
+
+Checkpoints hold tensors and plain Python values only (RNG states as tensors, the config as a dict), so every
+load uses `torch.load(..., weights_only=True)`: a file that would need to run code to load is refused, never
+executed. `read_checkpoint` names the file and what is wrong with anything that is not a checkpoint of this
+project.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import random
+import re
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from config import Config
+from models.kcenter import mix_keys
+
+log = logging.getLogger("kcenter")
+
+CHECKPOINT_FORMAT = "kcenter-video checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_command_line(description: str, argv=None, add_options=None) -> argparse.Namespace:
+    """`--config FILE`, the script's own options (`add_options(parser)`), and `section.key=value` overrides
+    anywhere on the line, before, between or after the options."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    if add_options:
+        add_options(parser)
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
+    return parser.parse_intermixed_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes, devices, precision
+
+
+def setup_distributed(cfg: Config):
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (1 process without them); NCCL on GPU, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.data.device == "gpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("data.device is 'gpu' but CUDA is not available; run with data.device=cpu")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    configure_determinism(cfg.train.deterministic, device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """train.deterministic: deterministic kernels on the GPU (cuBLAS with a fixed workspace, no atomics-based
+    reductions, no cuDNN attention; an op without a deterministic kernel raises instead of running).
+
+    The CPU code of this project is deterministic without it (tests/test_train.py), so on the CPU the flag changes
+    nothing. cuBLAS reads CUBLAS_WORKSPACE_CONFIG when its handle is created: this runs before any CUDA work."""
+    if not deterministic or device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def setup_logging(out_dir: str, rank: int) -> None:
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(out_dir, "train.log")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+
+def autocast_dtype(cfg: Config, device: torch.device):
+    """bf16/fp16 autocast on GPU; CPU runs fp32 whatever the config says (CPU half precision is slow)."""
+    if device.type != "cuda" or cfg.train.precision == "fp32":
+        return None
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds of the K-center starts
+
+
+# What a clip's K-center start depends on besides the run's seed and the video: the epoch in training, nothing in
+# validation, the view in testing. Disjoint streams, so that no two of them share starts by construction.
+TRAIN_STARTS, VAL_STARTS, TEST_STARTS = range(3)
+
+
+def kcenter_seeds(seed: int, stream: int, step, index: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 clip seeds from (seed, stream, step, video index): the K-center starts of a clip are a function
+    of these only, not of the batch it came in, the process that ran it or the RNG state.
+
+    Args:
+        step: the epoch (training), 0 (validation), or the view of each row (testing; an int or a (B,) array).
+        index: (B,) dataset index of each clip (CPU).
+    """
+    step = step.cpu().numpy() if isinstance(step, torch.Tensor) else step
+    return torch.from_numpy(mix_keys(seed, stream, step, index.cpu().numpy()).view(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG state, as tensors and plain values (loadable with weights_only=True)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: no context on the other GPUs
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+    """Write to a temp file in the same folder, then os.replace: a kill leaves the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save of `state` with this project's format marker, atomically (see write_atomic)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# what every checkpoint of this project holds, and of what type
+_CHECKPOINT_KEYS = {"model": dict, "config": dict, "epoch": int, "step": int}
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint written by train.py, read with weights_only=True; anything else is one clear error naming the
+    file and what is wrong with it, and nothing in the file runs."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        message = str(e)
+        code = re.search(r"Unsupported global: (GLOBAL [\w.]+)", message)
+        if isinstance(e, pickle.UnpicklingError) and code:  # the weights-only unpickler met a global to import
+            raise ValueError(f"{path}: refused to load: it holds Python objects that loading would have to run "
+                             f"code to rebuild ({code.group(1).strip()}). Checkpoints of this project hold tensors "
+                             f"and plain values only; this file was written by something else, or by this project "
+                             f"before checkpoint format {CHECKPOINT_VERSION}") from None
+        detail = re.search(r"WeightsUnpickler error: \s*([^\n]+)", message)
+        detail = (detail.group(1) if detail else (message.strip().splitlines() or [""])[0]).split(". ")[0]
+        raise ValueError(f"{path} is not a readable checkpoint (not a file written by torch.save, or truncated): "
+                         f"{type(e).__name__}: {detail}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        what = (f"a state dict of {len(ckpt)} entries such as {list(ckpt)[:3]}" if isinstance(ckpt, dict)
+                else f"a {type(ckpt).__name__}")
+        raise ValueError(f"{path} is not a checkpoint of this project: it is {what}, without the "
+                         f"'format': {CHECKPOINT_FORMAT!r} entry that train.py writes. For 2-D ImageNet weights "
+                         f"use model.pretrained")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {ckpt.get('version')!r}, this code reads version "
+                         f"{CHECKPOINT_VERSION}")
+    wrong = [f"{key} (expected {kind.__name__})" for key, kind in _CHECKPOINT_KEYS.items()
+             if not isinstance(ckpt.get(key), kind)]
+    if wrong:
+        raise ValueError(f"{path}: checkpoint lacks or has the wrong type of {', '.join(wrong)}")
+    return ckpt
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
+    """The checkpoint's weights into `model`, or an error naming the file and every tensor that does not fit."""
+    own, theirs = model.state_dict(), ckpt["model"]
+    problems = [f"missing {k}" for k in own if k not in theirs]
+    problems += [f"unexpected {k}" for k in theirs if k not in own]
+    problems += [f"{k}: {tuple(theirs[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
+                 if k in theirs and (not isinstance(theirs[k], torch.Tensor) or theirs[k].shape != v.shape)]
+    if problems:
+        raise ValueError(f"{path}: its weights do not fit the model of this config ({len(problems)} problems: "
+                         f"{'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''})")
+    model.load_state_dict(theirs)
+
+
+def resolve_checkpoint(cfg: Config, choice: str | None = None) -> str:
+    """The file `eval.checkpoint` (or `choice`) names: `last` -> out_dir/last.pt (the paper reports the last
+    epoch), `best` -> out_dir/best.pt, anything else is a path. Testing `best` chosen on the test list itself is
+    selection on the test set: a warning says so."""
+    choice = choice or cfg.eval.checkpoint
+    if choice in ("last", "best"):
+        if choice == "best" and cfg.data.val_list and cfg.data.val_list == cfg.data.test_list:
+            log.warning("eval.checkpoint is 'best' and data.val_list is the test list (%s): best.pt was chosen on "
+                        "the test set, so its test accuracy is optimistic. The paper reports the last epoch "
+                        "(eval.checkpoint=last)", cfg.data.test_list)
+        return os.path.join(cfg.train.out_dir, f"{choice}.pt")
+    return choice
