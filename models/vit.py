@@ -147,7 +147,12 @@ def _read_2d_state_dict(source: str) -> dict[str, Tensor]:
             from safetensors.torch import load_file
             state = load_file(source)
         else:
-            state = torch.load(source, map_location="cpu", weights_only=True)
+            try:  # tensors and plain values only: a file that would run code to load is refused
+                state = torch.load(source, map_location="cpu", weights_only=True)
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+                raise ValueError(f"pretrained weights {source} cannot be read as a state dict of tensors "
+                                 f"(weights_only load): {type(e).__name__}: {first}") from None
         for key in ("model", "state_dict", "model_state"):  # common checkpoint wrappers
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

@@ -120,3 +120,9 @@ def test_pretrained_errors_are_clear(tmp_path):
         load_pretrained_2d(model, str(tmp_path / "wide.pth"))
     with pytest.raises(RuntimeError, match="could not load pretrained weights 'no_such_model_name'"):
         load_pretrained_2d(model, "no_such_model_name")
+
+
+def test_pretrained_file_that_is_not_weights_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.pth").write_text("weights are on the shared drive\n")
+    with pytest.raises(ValueError, match=r"pretrained weights .*notes.pth cannot be read"):
+        load_pretrained_2d(KCenterViT(**TINY), str(tmp_path / "notes.pth"))
