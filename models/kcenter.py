@@ -17,6 +17,7 @@ min-distance per point, O(B*N) memory beyond the input. The implementations shar
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +30,11 @@ from torch import Tensor, nn
 from .kcenter_bound import lower_bound_summary
 
 try:  # the fused kernel is optional: only used on CUDA tensors when Triton imports
-    from .kcenter_triton import TRITON_AVAILABLE, kcenter_sample_triton
+    from .kcenter_triton import TRITON_AVAILABLE, CooperativeLaunchRefused, kcenter_sample_triton
 except ImportError:
     TRITON_AVAILABLE = False
+
+log = logging.getLogger(__name__)
 
 _FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
@@ -71,10 +74,24 @@ def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
     # distances in fp32 or wider whatever autocast is active around the model (bf16 would change the picks)
     with torch.autocast(points.device.type, enabled=False):
         if points.is_cuda:
-            if TRITON_AVAILABLE and os.environ.get("KCENTER_TRITON", "1") != "0":
-                return kcenter_sample_triton(points, k, start)
-            return _kcenter_batched(points.float(), k, start)
+            return _kcenter_cuda(points, k, start)
         return _kcenter_cpu(points.float(), k, start)
+
+
+_fused_kernel_refused = False  # set once the driver refused the kernel's cooperative launch in this process
+
+
+def _kcenter_cuda(points: Tensor, k: int, start: Tensor) -> Tensor:
+    """The fused kernel where Triton is there (KCENTER_TRITON=0 turns it off), else the batched loop; also the
+    batched loop, with a warning, once the GPU could not hold the kernel's grid at once (same picks, slower)."""
+    global _fused_kernel_refused
+    if TRITON_AVAILABLE and not _fused_kernel_refused and os.environ.get("KCENTER_TRITON", "1") != "0":
+        try:
+            return kcenter_sample_triton(points, k, start)
+        except CooperativeLaunchRefused as e:
+            _fused_kernel_refused = True
+            log.warning("%s; the K-center sampler uses its PyTorch loop from now on", e)
+    return _kcenter_batched(points.float(), k, start)
 
 
 def mix_keys(*columns) -> np.ndarray:

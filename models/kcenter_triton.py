@@ -78,11 +78,24 @@ def kcenter_sample_triton(points: Tensor, k: int, start: Tensor, parts: int | No
     partial_idx = torch.empty(B, 2, block_p, dtype=torch.int32, device=x.device)
     arrivals = torch.zeros(B, dtype=torch.int32, device=x.device)
     full_rows = stats if stats is not None else torch.zeros(B, dtype=torch.int64, device=x.device)
-    _kcenter_kernel[(B, parts)](
-        x, summary, start.to(device=x.device, dtype=torch.int32), picks, min_dist, partial_val, partial_idx,
-        arrivals, full_rows, N, D, k, slice_len, parts, R=summary.shape[-1], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        BLOCK_P=block_p, SLACK=SLACK, COUNT_ROWS=stats is not None, num_warps=4)
+    try:
+        # cooperative: the driver guarantees that every program of the grid is resident at once (the barrier spins
+        # until all have arrived), or refuses the launch, e.g. under MPS with an SM limit or beside a persistent
+        # kernel, instead of letting the barrier wait forever
+        _kcenter_kernel[(B, parts)](
+            x, summary, start.to(device=x.device, dtype=torch.int32), picks, min_dist, partial_val, partial_idx,
+            arrivals, full_rows, N, D, k, slice_len, parts, R=summary.shape[-1], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            BLOCK_P=block_p, SLACK=SLACK, COUNT_ROWS=stats is not None, num_warps=4, launch_cooperative_grid=True)
+    except RuntimeError as e:
+        if "cooperative" not in str(e).lower():
+            raise
+        raise CooperativeLaunchRefused(f"the driver refused the fused K-center kernel's cooperative launch of "
+                                       f"{B} x {parts} programs: {e}") from e
     return picks
+
+
+class CooperativeLaunchRefused(RuntimeError):
+    """The GPU cannot hold the kernel's whole grid at once (other work holds SMs): callers fall back."""
 
 
 @torch.no_grad()

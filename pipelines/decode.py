@@ -34,11 +34,55 @@ def probe_video(path: str) -> VideoInfo:
         return VideoInfo(num_frames, fps, stream.codec_context.width, stream.codec_context.height)
 
 
-def count_packets(data: bytes) -> int:
-    """Video packets in an in-memory file: a cheap check that NVDEC will get a readable stream."""
+@dataclass(frozen=True)
+class EncodedStream:
+    """The first video stream of an in-memory file, as the GPU path sees it before NVDEC does."""
+    codec: str  # FFmpeg's name: h264, hevc, vp9, av1, ...
+    profile: str | None  # e.g. "High", "High 4:4:4 Predictive", "Main 10", "Profile 0"
+    pixel_format: str | None  # e.g. yuv420p, yuv420p10le, yuv444p
+    width: int
+    height: int
+    packets: int
+
+
+def demux_encoded(data: bytes) -> EncodedStream:
+    """Codec, profile, pixel format, size and packet count of an in-memory file (demuxed, not decoded)."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        codec = stream.codec_context
+        packets = sum(1 for packet in container.demux(stream) if packet.size)
+        return EncodedStream(codec.name, codec.profile, codec.format.name if codec.format else None, codec.width,
+                             codec.height, packets)
+
+
+# What DALI's NVDEC decoder (`fn.decoders.video`, mixed) decodes on every data-centre GPU this project targets
+# (NVIDIA Video Codec SDK support matrix, A100/H100/H200): 8-bit 4:2:0 streams of these codecs and profiles, within
+# these sizes (width, height). Anything else would fail its whole batch inside the pipeline.
+NVDEC_STREAMS = {
+    "h264": dict(profiles={"Baseline", "Constrained Baseline", "Main", "High"}, min_size=(48, 16),
+                 max_size=(4096, 4096)),
+    "hevc": dict(profiles={"Main"}, min_size=(144, 144), max_size=(8192, 8192)),
+    "vp9": dict(profiles={"Profile 0"}, min_size=(128, 128), max_size=(8192, 8192)),
+}
+NVDEC_PIXEL_FORMATS = {"yuv420p", "yuvj420p"}  # 8-bit 4:2:0 (limited or full range)
+
+
+def nvdec_unsupported(stream: EncodedStream) -> str | None:
+    """Why NVDEC cannot decode `stream` (one line), or None when it can."""
+    limits = NVDEC_STREAMS.get(stream.codec)
+    if limits is None:
+        return (f"codec {stream.codec} is not decoded on the GPU path (it takes {', '.join(NVDEC_STREAMS)}); "
+                f"re-encode it with preprocess/resize_kinetics.py")
+    if stream.profile not in limits["profiles"]:
+        return (f"{stream.codec} profile {stream.profile!r} is not decoded by NVDEC (it takes "
+                f"{', '.join(sorted(limits['profiles']))}); re-encode it with preprocess/resize_kinetics.py")
+    if stream.pixel_format not in NVDEC_PIXEL_FORMATS:
+        return f"pixel format {stream.pixel_format} is not decoded by NVDEC (8-bit 4:2:0 only)"
+    (min_w, min_h), (max_w, max_h) = limits["min_size"], limits["max_size"]
+    if not (min_w <= stream.width <= max_w and min_h <= stream.height <= max_h):
+        return (f"{stream.width}x{stream.height} is outside what NVDEC decodes for {stream.codec} "
+                f"({min_w}x{min_h} to {max_w}x{max_h})")
+    return None
 
 
 # Container frame counts can be off by a frame or two; a stream that ends earlier than that is truncated.

@@ -33,14 +33,27 @@ def read_sample(source: ClipSource, parallel: bool) -> dict:
     return dict(zip(names, outputs))
 
 
+# nvJPEG preallocates, per decoder and per thread, one device buffer and two pinned host buffers of these sizes
+# (DALI's defaults: 16 MB and 2 x 8 MB). A clip has one decoder per frame slot (32), so the defaults come to ~2 GB of
+# device and ~2 GB of pinned memory per graph at 4 threads. A frame of the SSv2 folders (short side 256) needs well
+# under 1 MB; a larger one makes nvJPEG grow its buffer, which is slower but correct.
+NVJPEG_DEVICE_PADDING = 1 << 20
+NVJPEG_HOST_PADDING = 1 << 19
+
+
 def decode_clip(sample: dict, spec: ClipSpec):
     """(F, H, W, 3) uint8 frames of the sample, on spec.device."""
+    device = "mixed" if spec.device == "gpu" else "cpu"
     if spec.reader == "pyav":  # decoded by the source (CPU only)
         return sample["frames"]
     if spec.reader == "nvdec":
-        return fn.decoders.video(sample["encoded"], device="mixed", frames=sample["frame_ids"])
-    device = "mixed" if spec.device == "gpu" else "cpu"
-    frames = [fn.decoders.image(sample[f"jpeg_{i}"], device=device, output_type=types.RGB)
+        # edge padding: DALI's frame index can be shorter than the packet count the source clamps to (packets with
+        # negative timestamps are skipped); the default (constant) would return black frames there
+        return fn.decoders.video(sample["encoded"], device=device, frames=sample["frame_ids"], pad_mode="edge")
+    # fancy upsampling: the GPU's chroma upsampling as the CPU decoder's (and PIL's), so both give the same pixels
+    frames = [fn.decoders.image(sample[f"jpeg_{i}"], device=device, output_type=types.RGB,
+                                jpeg_fancy_upsampling=True, device_memory_padding=NVJPEG_DEVICE_PADDING,
+                                host_memory_padding=NVJPEG_HOST_PADDING)
               for i in range(spec.frames_per_sample)]
     return fn.stack(*frames, axis=0, axis_name="F")
 

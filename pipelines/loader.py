@@ -6,6 +6,7 @@ marked as padding or bad, keeps the record of bad videos, and enforces `max_bad_
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -52,12 +53,29 @@ def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: in
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1, got {rank}, {world_size}, {batch_size}")
     dataset = read_dataset(cfg, split, show_progress=rank == 0)
+    if cfg.device == "gpu" and not dataset.frames:
+        check_nvdec_library()
     if not dataset.videos:
         raise ValueError(f"no videos in the {split} split ({getattr(cfg, split + '_list')})")
     spec = clip_spec(cfg, split, dataset, num_clips, num_crops)
     return ClipLoader(dataset, spec, split=split, batch_size=batch_size, rank=rank, world_size=world_size,
                       device_id=device_id, seed=seed, start_epoch=start_epoch, start_batch=start_batch,
                       num_threads=cfg.num_threads, py_workers=cfg.py_workers, max_bad_fraction=cfg.max_bad_fraction)
+
+
+NVDEC_LIBRARY = "libnvcuvid.so.1"
+
+
+def check_nvdec_library(name: str = NVDEC_LIBRARY) -> None:
+    """NVDEC's user-space library is mounted into a container only when NVIDIA_DRIVER_CAPABILITIES includes `video`;
+    without it every video batch would fail deep inside DALI. Say so at start-up, in one line."""
+    try:
+        ctypes.CDLL(name)
+    except OSError as e:
+        raise RuntimeError(
+            f"data.device is 'gpu' but NVDEC's library {name} cannot be loaded ({e}). In a container, start it with "
+            f"NVIDIA_DRIVER_CAPABILITIES including 'video' (e.g. compute,utility,video or all); or decode on the "
+            f"CPU with data.device=cpu") from None
 
 
 def clip_spec(cfg, split: str, dataset: VideoDataset, num_clips: int = 1, num_crops: int = 1) -> ClipSpec:
@@ -83,6 +101,21 @@ def make_pipeline(source: ClipSource, batch_size: int, num_threads: int, py_work
         source, parallel=py_workers > 0, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
         py_num_workers=max(1, py_workers), seed=seed % 2**31,  # DALI's own RNG is not used by the graphs
         enable_conditionals=source.spec.rand_augment is not None)  # RandAugment's op switch is a DALI `if`
+
+
+PIPELINE_ERROR = "Critical error in pipeline"  # how DALI reports an operator that failed on a batch
+
+
+class _OneRow:
+    """A source of one given row (a batch of 1 for one iteration), with the spec the graphs read."""
+
+    def __init__(self, spec: ClipSpec, row: tuple):
+        self.spec, self.row = spec, row
+
+    def __call__(self, info):
+        if info.idx_in_epoch > 0:
+            raise StopIteration
+        return self.row
 
 
 class ClipLoader:
@@ -136,21 +169,32 @@ class ClipLoader:
         if self._started:
             self.epoch += 1
         self._started = True
-        if self._iterator is None:
-            self._iterator = self._build(self.epoch, self._skip)
-        iterator, _ = self._iterator
         counts = dict(seen=0, bad=0, padded=0)
-        finished = False
+        batch_number, finished = self._skip, False
         try:
-            for outputs in iterator:
-                # Empty batches are yielded too: every rank must take len(loader) steps.
-                yield self._filter(outputs[0], counts)
+            while batch_number < self.steps:
+                if self._iterator is None:
+                    self._iterator = self._build(self.epoch, batch_number)
+                try:
+                    outputs = next(self._iterator[0])
+                except RuntimeError as error:
+                    if PIPELINE_ERROR not in str(error):
+                        raise
+                    self._iterator = None  # a pipeline that failed is not run again; the next batch gets a new one
+                    batch = self._decode_one_by_one(batch_number, counts, error)
+                else:
+                    batch = self._filter(outputs[0], counts)
+                batch_number += 1
+                yield batch  # empty batches too: every rank must take len(loader) steps
+            if self._iterator is not None:  # the source has ended the epoch: collect its end, rewind for the next
+                iterator = self._iterator[0]
+                if next(iterator, None) is not None:
+                    raise RuntimeError(f"the {self.split} pipeline gave more than {self.steps} batches an epoch")
+                iterator.reset()
             finished = True
         finally:
             self._skip = 0
-            if finished:
-                iterator.reset()
-            else:  # DALI cannot reset mid-epoch: the next `for` gets a new pipeline, starting at its epoch
+            if not finished:  # DALI cannot reset mid-epoch: the next `for` gets a new pipeline, starting at its epoch
                 self._iterator = None
         self._end_epoch(counts)
 
@@ -165,6 +209,41 @@ class ClipLoader:
                              seed=self.seed + self.rank)
         iterator = DALIGenericIterator(pipe, OUTPUT_NAMES, size=-1, auto_reset=False, prepare_first_batch=False)
         return iterator, pipe
+
+    def _decode_one_by_one(self, batch_number: int, counts: dict, error: RuntimeError) -> Batch:
+        """The rows of a batch the pipeline failed on, each in a pipeline of its own: a sample the decoder cannot
+        decode stops DALI's whole batch, and only that video may be dropped (recorded as bad, like the others)."""
+        reason = next((line.strip() for line in str(error).splitlines() if "rror" in line and "Critical" not in line),
+                      str(error).splitlines()[0])
+        log.warning("%s batch %d of epoch %d (rank %d) failed to decode (%s): decoding its videos one by one",
+                    self.split, batch_number, self.epoch, self.rank, reason[:200])
+        source = ClipSource(self.dataset.videos, self.spec, seed=self.seed, rank=self.rank,
+                            world_size=self.world_size, batch_size=self.batch_size)
+        rows = []
+        for j in range(self.batch_size):
+            row = source.sample(self.epoch, batch_number * self.batch_size + j)  # data errors raise here, as usual
+            pipe = make_pipeline(_OneRow(self.spec, row), 1, num_threads=self.num_threads, py_workers=0,
+                                 device_id=self.device_id if self.spec.device == "gpu" else None, seed=self.seed)
+            try:
+                outputs = next(iter(DALIGenericIterator(pipe, OUTPUT_NAMES, size=-1, auto_reset=False,
+                                                        prepare_first_batch=False)))
+            except RuntimeError as e:
+                if PIPELINE_ERROR not in str(e):
+                    raise
+                counts["seen"] += 1
+                counts["bad"] += 1
+                self._record_bad(int(row[source.spec.output_names().index("index")]),
+                                 f"the decoder failed on it: {str(e).splitlines()[-1].strip()[:200]}")
+                continue
+            rows.append(self._filter(outputs[0], counts))
+        if not rows:  # every row failed: an empty batch of the usual layout, on the usual device
+            spec = self.spec
+            views = (spec.num_clips * spec.num_crops,) if self.split == "test" else ()
+            device = torch.device("cuda", self.device_id) if spec.device == "gpu" else torch.device("cpu")
+            clips = torch.empty(0, *views, 3, spec.num_frames, spec.crop_size, spec.crop_size, device=device)
+            return Batch(clips, torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.int64))
+        return Batch(torch.cat([r.clips for r in rows]), torch.cat([r.labels for r in rows]),
+                     torch.cat([r.index for r in rows]))
 
     def _filter(self, out: dict, counts: dict) -> Batch:
         status = out["status"].cpu().reshape(-1)

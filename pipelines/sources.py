@@ -21,7 +21,7 @@ import numpy as np
 
 from pipelines import sampling
 from pipelines.datasets import VideoRecord
-from pipelines.decode import FRAME_COUNT_SLACK, count_packets, decode_frames, placeholder_video
+from pipelines.decode import FRAME_COUNT_SLACK, decode_frames, demux_encoded, nvdec_unsupported, placeholder_video
 
 OK, PADDING, BAD = 1, 0, 2
 MESSAGE_BYTES = 256  # error messages travel as fixed-size byte rows so that the batch stays dense
@@ -31,7 +31,8 @@ MESSAGE_BYTES = 256  # error messages travel as fixed-size byte rows so that the
 class ClipSpec:
     """What the source produces; the graphs read the same spec to consume it."""
     mode: str  # train | val | test
-    reader: str  # pyav: decoded frames (CPU) | nvdec: encoded video for fn.decoders.video | jpeg: frame files
+    reader: str  # pyav: decoded frames (CPU) | nvdec: encoded video for fn.decoders.video (NVDEC on device gpu;
+    # on device cpu DALI's CPU decoder, VP8/VP9/MJPEG only, which the tests use) | jpeg: frame files
     device: str  # cpu | gpu: where the graph decodes JPEGs and augments
     num_frames: int
     sampling_rate: int
@@ -83,10 +84,12 @@ class ClipSource:
 
     def __call__(self, info):
         skipped = self.start_batch * self.batch_size if info.epoch_idx == 0 else 0
-        rank_position = skipped + info.idx_in_epoch
+        return self.sample(self.start_epoch + info.epoch_idx, skipped + info.idx_in_epoch)
+
+    def sample(self, epoch: int, rank_position: int) -> tuple:
+        """The row of this rank's `rank_position`-th sample of `epoch` (StopIteration past the epoch's end)."""
         if rank_position >= self.steps * self.batch_size:
             raise StopIteration
-        epoch = self.start_epoch + info.epoch_idx
         position = sampling.global_position(rank_position, self.rank, self.world_size)
         index = int(self._order(epoch)[position % len(self.videos)])
         if position >= len(self.videos):
@@ -130,9 +133,14 @@ class ClipSource:
                 raise _BadVideo(f"decoding failed: {type(e).__name__}: {e}") from None
         try:
             data = np.fromfile(video.path, dtype=np.uint8)
-            packets = count_packets(data.tobytes())
+            stream = demux_encoded(data.tobytes())
         except Exception as e:
             raise _BadVideo(f"demuxing failed: {type(e).__name__}: {e}") from None
+        # a stream NVDEC cannot decode would fail its whole batch in the pipeline: a bad video here instead
+        unsupported = nvdec_unsupported(stream) if self.spec.device == "gpu" else None
+        if unsupported:
+            raise _BadVideo(unsupported)
+        packets = stream.packets
         if packets == 0 or packets < min(int(ids.max()) + 1, video.num_frames - FRAME_COUNT_SLACK):
             raise _BadVideo(f"the stream has {packets} packets, the container announces {video.num_frames} frames")
         # NVDEC fails the whole batch on an index past the end: trust the packets over the metadata.

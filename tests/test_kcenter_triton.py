@@ -1,6 +1,7 @@
 """The fused Triton k-center kernel: run on CPU by Triton's interpreter, compiled for Hopper without a GPU, and
 run on CUDA where there is one."""
 import json
+import logging
 import math
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from models import kcenter_triton
+from models import kcenter, kcenter_triton
 from models.kcenter import kcenter_sample, patch_coordinates, patchify
 from test_kcenter import reference_kcenter
 
@@ -132,8 +133,10 @@ scalars = dict.fromkeys(["N", "D", "K", "slice_len", "P"], "i32")
 constants = dict(R=16, BLOCK_N=kt.BLOCK_N, BLOCK_D=kt.BLOCK_D, BLOCK_P=16, SLACK=kt.SLACK, COUNT_ROWS=True)
 signature = {**pointers, **scalars, **dict.fromkeys(constants, "constexpr")}
 source = ASTSource(fn=kt._kcenter_kernel, signature=signature, constexprs=constants)
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-json.dump({"ptx": compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"])}, sys.stdout)
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "launch_cooperative_grid": True})
+json.dump({"ptx": compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"]),
+           "cooperative": compiled.metadata.launch_cooperative_grid}, sys.stdout)
 """
 
 
@@ -146,7 +149,7 @@ def test_kernel_compiles_for_hopper_with_a_grid_barrier():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
-    assert out["cubin_bytes"] > 0
+    assert out["cubin_bytes"] > 0 and out["cooperative"] is True  # launched as a cooperative grid
     ptx = out["ptx"]
     assert "atom.global.gpu.acq_rel.add" in ptx  # arrival publishes the partials (release)
     assert "ld.global.gpu.acquire" in ptx  # the spin reads the counter with acquire semantics
@@ -174,3 +177,50 @@ def test_cuda_dispatch_uses_the_kernel_at_the_paper_setting():
     fused = kcenter_triton.kcenter_sample_triton(points, 980, start, stats=rows)
     assert torch.equal(kcenter_sample(points, 980, start), fused)
     assert torch.equal(fused.cpu(), kcenter_sample(points.cpu(), 980, start))  # the CPU path agrees
+
+
+def test_kernel_is_launched_as_a_cooperative_grid(interpreted, monkeypatch):
+    """The launch asks the driver for co-residency of the whole grid (the barrier needs it). The interpreter ignores
+    launch options, so the option is caught at the launch and checked against the CUDA backend's option names."""
+    import dataclasses
+
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    kt = interpreted
+    real, seen = kt._kcenter_kernel, {}
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kt, "_kcenter_kernel", Spy())
+    points = torch.randn(2, 150, 20, generator=torch.Generator().manual_seed(3))
+    start = torch.tensor([0, 149])
+    assert torch.equal(kt.kcenter_sample_triton(points, 30, start), reference_kcenter(points, 30, start))
+    assert seen["launch_cooperative_grid"] is True
+    assert "launch_cooperative_grid" in {f.name for f in dataclasses.fields(CUDAOptions)}
+
+
+def test_refused_cooperative_launch_falls_back_to_the_loop(interpreted, monkeypatch, caplog):
+    """Under MPS with an SM limit the driver refuses the grid ("too many blocks in cooperative launch"): the sampler
+    warns once and takes its PyTorch loop, with the same picks."""
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+            return launch
+
+    kt = interpreted
+    monkeypatch.setattr(kt, "_kcenter_kernel", Refuses())
+    monkeypatch.setattr(kcenter, "_fused_kernel_refused", False)
+    points = torch.randn(2, 150, 20, generator=torch.Generator().manual_seed(4))
+    start = torch.tensor([3, 7])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert torch.equal(kcenter._kcenter_cuda(points, 30, start), reference_kcenter(points, 30, start))
+    assert caplog.text.count("cooperative launch of 2 x 1 programs") == 1 and kcenter._fused_kernel_refused
+    with pytest.raises(kt.CooperativeLaunchRefused, match="too many blocks"):  # raised by the kernel's wrapper
+        kt.kcenter_sample_triton(points, 30, start)
