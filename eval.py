@@ -23,17 +23,23 @@ import logging
 import os
 from contextlib import nullcontext
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
 from config import Config, load_config
-from models import build_model
-from pipelines import build_loader
-from runtime import (TEST_STARTS, autocast_dtype, kcenter_seeds, load_model_weights, parse_command_line,
-                     read_checkpoint, resolve_checkpoint, setup_distributed, setup_logging, write_atomic)
-from vis import draw_sampled_patches, save_png
+
+# A process started with "spawn" runs this file again as __mp_main__ before it unpickles its work: DALI's source
+# workers (py_workers per loader, several loaders per rank). They need nothing below, and importing torch, timm and
+# the models would cost each of them seconds and hundreds of MB (bench/RESULTS.md); so the imports are skipped
+# there, and the definitions, which import nothing, are never called.
+if __name__ != "__mp_main__":
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from models import build_model
+    from pipelines import build_loader
+    from runtime import (TEST_STARTS, autocast_dtype, kcenter_seeds, load_model_weights, parse_command_line,
+                         read_checkpoint, resolve_checkpoint, setup_distributed, setup_logging, write_atomic)
+    from vis import draw_sampled_patches, save_png
 
 log = logging.getLogger("kcenter")
 
@@ -72,25 +78,25 @@ def view_seeds(seed: int, index: torch.Tensor, num_views: int) -> torch.Tensor:
     return kcenter_seeds(seed, TEST_STARTS, views, index.repeat_interleave(num_views))
 
 
-@torch.no_grad()
 def score_videos(model, loader, device, amp_dtype, rank: int, cfg: Config, ensemble: str,
                  save_patches: str | None = None):
     """{dataset index: (label, combined scores)} for this rank's share of the test videos."""
     model.eval()
     results, drawn = {}, 0
-    for batch in tqdm(loader, desc="test", disable=rank != 0, dynamic_ncols=True):
-        B, V = batch.clips.shape[:2]
-        if B == 0:
-            continue
-        views = batch.clips.flatten(0, 1)  # (B*V, C, T, H, W)
-        seeds = view_seeds(cfg.train.seed, batch.index, V)
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(views, seeds=seeds)
-        scores = aggregate_views(logits.float().view(B, V, -1), ensemble).cpu().numpy()
-        for i, index in enumerate(batch.index.tolist()):
-            results[index] = (int(batch.labels[i]), scores[i])
-        if save_patches and drawn < 8:
-            drawn += draw_first_views(model, batch, seeds.view(B, V), save_patches, cfg, limit=8 - drawn)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="test", disable=rank != 0, dynamic_ncols=True):
+            B, V = batch.clips.shape[:2]
+            if B == 0:
+                continue
+            views = batch.clips.flatten(0, 1)  # (B*V, C, T, H, W)
+            seeds = view_seeds(cfg.train.seed, batch.index, V)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                logits = model(views, seeds=seeds)
+            scores = aggregate_views(logits.float().view(B, V, -1), ensemble).cpu().numpy()
+            for i, index in enumerate(batch.index.tolist()):
+                results[index] = (int(batch.labels[i]), scores[i])
+            if save_patches and drawn < 8:
+                drawn += draw_first_views(model, batch, seeds.view(B, V), save_patches, cfg, limit=8 - drawn)
     return results
 
 
@@ -153,7 +159,8 @@ def check_checkpoint_fits(ckpt: dict, cfg: Config, path: str, class_names: list[
     list whose classes are not the ones the model was trained on (the accuracy would be silently wrong)."""
     saved, current = ckpt["config"].get("model", {}), cfg.to_dict()["model"]
     changed = [f"model.{key}: {saved[key]!r} in the checkpoint, {value!r} in the config"
-               for key, value in current.items() if key not in _EVAL_IRRELEVANT and key in saved and saved[key] != value]
+               for key, value in current.items()
+               if key not in _EVAL_IRRELEVANT and key in saved and saved[key] != value]
     if changed:
         raise ValueError(f"{path} was trained with other model settings than this config: {'; '.join(changed)}. "
                          f"Test with the config of the run that wrote it (its out_dir/config.yaml)")

@@ -15,20 +15,26 @@ import os
 import time
 from contextlib import nullcontext
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-
 from config import Config, load_config
-from models import build_model
-from pipelines import build_loader
-from runtime import (TRAIN_STARTS, VAL_STARTS, autocast_dtype, kcenter_seeds, load_model_weights, parse_command_line,
-                     read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed,
-                     setup_logging)
-from vis import draw_sampled_patches
+
+# A process started with "spawn" runs this file again as __mp_main__ before it unpickles its work: DALI's source
+# workers (py_workers per loader, several loaders per rank). They need nothing below, and importing torch, timm and
+# the models would cost each of them seconds and hundreds of MB (bench/RESULTS.md); so the imports are skipped
+# there, and the definitions, which import nothing, are never called.
+if __name__ != "__mp_main__":
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+    from tqdm import tqdm
+
+    from models import build_model
+    from pipelines import build_loader
+    from runtime import (TRAIN_STARTS, VAL_STARTS, autocast_dtype, kcenter_seeds, load_model_weights,
+                         parse_command_line, read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state, setup_distributed, setup_logging)
+    from vis import draw_sampled_patches
 
 log = logging.getLogger("kcenter")
 
@@ -236,7 +242,6 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
             "data_wait": sums["wait"] / elapsed}
 
 
-@torch.no_grad()
 def evaluate(tr: Trainer, loader) -> tuple[dict, tuple | None]:
     """Single-view validation: top-1/top-5 over every video of the split exactly once (summed over ranks). The
     K-center starts are a function of (seed, video), the same every epoch, and draw nothing from the training RNG.
@@ -245,16 +250,17 @@ def evaluate(tr: Trainer, loader) -> tuple[dict, tuple | None]:
     tr.ddp.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=tr.device)  # correct@1, correct@5, count
     first = None
-    for batch in tqdm(loader, desc="val", disable=tr.rank != 0, dynamic_ncols=True):
-        seeds = kcenter_seeds(tr.cfg.train.seed, VAL_STARTS, 0, batch.index)
-        if first is None and len(batch.labels):
-            first = batch.clips[: tr.cfg.train.num_vis_clips], seeds[: tr.cfg.train.num_vis_clips]
-        with torch.autocast(tr.device.type, dtype=tr.amp_dtype) if tr.amp_dtype else nullcontext():
-            logits = tr.model(batch.clips, seeds=seeds)
-        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == batch.labels[:, None]
-        count = hits.new_tensor(len(hits), dtype=torch.int64)  # on the device, like the sums
-        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), count]).to(totals)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="val", disable=tr.rank != 0, dynamic_ncols=True):
+            seeds = kcenter_seeds(tr.cfg.train.seed, VAL_STARTS, 0, batch.index)
+            if first is None and len(batch.labels):
+                first = batch.clips[: tr.cfg.train.num_vis_clips], seeds[: tr.cfg.train.num_vis_clips]
+            with torch.autocast(tr.device.type, dtype=tr.amp_dtype) if tr.amp_dtype else nullcontext():
+                logits = tr.model(batch.clips, seeds=seeds)
+            top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == batch.labels[:, None]
+            count = hits.new_tensor(len(hits), dtype=torch.int64)  # on the device, like the sums
+            totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), count]).to(totals)
     if tr.world > 1:
         dist.all_reduce(totals)
     correct1, correct5, count = totals.tolist()
@@ -262,10 +268,9 @@ def evaluate(tr: Trainer, loader) -> tuple[dict, tuple | None]:
     return metrics, first
 
 
-@torch.no_grad()
 def log_sampled_patches(tr: Trainer, clips: torch.Tensor, seeds: torch.Tensor, epoch: int) -> None:
     """TensorBoard image of the patches the sampler keeps on a few validation clips (the picks validation used)."""
-    _, t_index, s_index = tr.model.select_tokens(clips, seeds=seeds)
+    _, t_index, s_index = tr.model.select_tokens(clips, seeds=seeds)  # the sampler runs without autograd
     for i in range(len(clips)):
         image = draw_sampled_patches(clips[i], t_index[i], s_index[i], tr.cfg.model.patch_size, tr.cfg.data.mean,
                                      tr.cfg.data.std, tr.model.sampler.hybrid_frames.tolist())

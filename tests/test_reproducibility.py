@@ -2,10 +2,10 @@
 
 256 training videos, batch 16 (16 optimizer steps an epoch), 3 epochs (2 with two processes), a checkpoint every 5
 steps (mid-epoch), drop path on (it draws random numbers whose state must resume), the machine's threads (the
-failure this guards against only showed with more than one intra-op thread). A run killed with SIGKILL twice, mid-epoch, and restarted
-each time must end with the same weights and optimizer state, bit for bit, as a run never stopped; so must two
-processes (torchrun, gloo). Testing one checkpoint twice, with other batch sizes and process counts, gives the
-same predictions.
+failure this guards against only showed with more than one intra-op thread). A run killed with SIGKILL twice,
+mid-epoch, and restarted each time must end with the same weights and optimizer state, bit for bit, as a run never
+stopped; so must two processes (torchrun, gloo). Testing one checkpoint twice, with other batch sizes and process
+counts, gives the same predictions.
 """
 import json
 import os
