@@ -51,8 +51,9 @@ def demux_encoded(data: bytes) -> EncodedStream:
         stream = container.streams.video[0]
         codec = stream.codec_context
         packets = sum(1 for packet in container.demux(stream) if packet.size)
-        return EncodedStream(codec.name, codec.profile, codec.format.name if codec.format else None, codec.width,
-                             codec.height, packets)
+        # the codec's canonical name: FFmpeg may pick another decoder's name (libdav1d for av1)
+        return EncodedStream(codec.codec.canonical_name, codec.profile, codec.format.name if codec.format else None,
+                             codec.width, codec.height, packets)
 
 
 # What DALI's NVDEC decoder (`fn.decoders.video`, mixed) decodes on every data-centre GPU this project targets
@@ -139,12 +140,13 @@ def _decode_range(path: str, wanted: list[int], seek: bool) -> dict[int, np.ndar
     return out
 
 
-def placeholder_video(num_frames: int = 4, size: int = 64) -> bytes:
-    """A tiny valid H.264 mp4 kept in memory: what NVDEC decodes in place of a file that cannot be read (the row
-    is marked bad and dropped; NVDEC still needs a decodable stream for the batch to go through)."""
+def placeholder_video(num_frames: int = 4, size: int = 64, codec: str = "h264") -> bytes:
+    """A tiny valid H.264 mp4 (or VP9 webm, for DALI's CPU decoder) kept in memory: what the video decoder decodes
+    in place of a file that cannot be read (the row is marked bad and dropped; the decoder still needs a decodable
+    stream for the batch to go through)."""
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=25)
+    with av.open(buffer, mode="w", format="mp4" if codec == "h264" else "webm") as container:
+        stream = container.add_stream("libx264" if codec == "h264" else "libvpx-vp9", rate=25)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         for _ in range(num_frames):

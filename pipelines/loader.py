@@ -106,6 +106,13 @@ def make_pipeline(source: ClipSource, batch_size: int, num_threads: int, py_work
 PIPELINE_ERROR = "Critical error in pipeline"  # how DALI reports an operator that failed on a batch
 
 
+def _dali_error_reason(error: RuntimeError) -> str:
+    """The operator's own message out of DALI's "Critical error in pipeline" text (one line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0] if lines else ""
+    return reason[:200]
+
+
 class _OneRow:
     """A source of one given row (a batch of 1 for one iteration), with the spec the graphs read."""
 
@@ -213,37 +220,42 @@ class ClipLoader:
     def _decode_one_by_one(self, batch_number: int, counts: dict, error: RuntimeError) -> Batch:
         """The rows of a batch the pipeline failed on, each in a pipeline of its own: a sample the decoder cannot
         decode stops DALI's whole batch, and only that video may be dropped (recorded as bad, like the others)."""
-        reason = next((line.strip() for line in str(error).splitlines() if "rror" in line and "Critical" not in line),
-                      str(error).splitlines()[0])
         log.warning("%s batch %d of epoch %d (rank %d) failed to decode (%s): decoding its videos one by one",
-                    self.split, batch_number, self.epoch, self.rank, reason[:200])
+                    self.split, batch_number, self.epoch, self.rank, _dali_error_reason(error))
         source = ClipSource(self.dataset.videos, self.spec, seed=self.seed, rank=self.rank,
                             world_size=self.world_size, batch_size=self.batch_size)
+        names = self.spec.output_names()
         rows = []
         for j in range(self.batch_size):
-            row = source.sample(self.epoch, batch_number * self.batch_size + j)  # data errors raise here, as usual
-            pipe = make_pipeline(_OneRow(self.spec, row), 1, num_threads=self.num_threads, py_workers=0,
-                                 device_id=self.device_id if self.spec.device == "gpu" else None, seed=self.seed)
+            row = dict(zip(names, source.sample(self.epoch, batch_number * self.batch_size + j)))  # data errors raise
+            status, index = int(row["status"]), int(row["index"])
+            counts["seen" if status != PADDING else "padded"] += 1
+            if status == BAD:
+                counts["bad"] += 1
+                self._record_bad(index, bytes(row["message"]).rstrip(b"\0").decode(errors="replace"))
+            if status != OK:
+                continue
+            pipe = make_pipeline(_OneRow(self.spec, tuple(row.values())), 1, num_threads=self.num_threads,
+                                 py_workers=0, device_id=self.device_id if self.spec.device == "gpu" else None,
+                                 seed=self.seed)
             try:
-                outputs = next(iter(DALIGenericIterator(pipe, OUTPUT_NAMES, size=-1, auto_reset=False,
-                                                        prepare_first_batch=False)))
+                out = next(iter(DALIGenericIterator(pipe, OUTPUT_NAMES, size=-1, auto_reset=False,
+                                                    prepare_first_batch=False)))[0]
             except RuntimeError as e:
                 if PIPELINE_ERROR not in str(e):
                     raise
-                counts["seen"] += 1
                 counts["bad"] += 1
-                self._record_bad(int(row[source.spec.output_names().index("index")]),
-                                 f"the decoder failed on it: {str(e).splitlines()[-1].strip()[:200]}")
+                self._record_bad(index, f"the decoder failed on it: {_dali_error_reason(e)}")
                 continue
-            rows.append(self._filter(outputs[0], counts))
+            rows.append((out["clips"], out["labels"].reshape(-1).to(torch.int64), index))
         if not rows:  # every row failed: an empty batch of the usual layout, on the usual device
             spec = self.spec
             views = (spec.num_clips * spec.num_crops,) if self.split == "test" else ()
             device = torch.device("cuda", self.device_id) if spec.device == "gpu" else torch.device("cpu")
             clips = torch.empty(0, *views, 3, spec.num_frames, spec.crop_size, spec.crop_size, device=device)
             return Batch(clips, torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.int64))
-        return Batch(torch.cat([r.clips for r in rows]), torch.cat([r.labels for r in rows]),
-                     torch.cat([r.index for r in rows]))
+        return Batch(torch.cat([clips for clips, _, _ in rows]), torch.cat([labels for _, labels, _ in rows]),
+                     torch.tensor([index for _, _, index in rows], dtype=torch.int64))
 
     def _filter(self, out: dict, counts: dict) -> Batch:
         status = out["status"].cpu().reshape(-1)

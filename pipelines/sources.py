@@ -169,7 +169,9 @@ class ClipSource:
             if self.spec.reader == "jpeg":
                 self._placeholder_cache = (_tiny_jpeg(),) * n
             elif self.spec.reader == "nvdec":
-                self._placeholder_cache = (np.frombuffer(placeholder_video(), np.uint8), np.zeros(n, np.int32))
+                codec = "h264" if self.spec.device == "gpu" else "vp9"  # what the decoder of the device reads
+                self._placeholder_cache = (np.frombuffer(placeholder_video(codec=codec), np.uint8),
+                                           np.zeros(n, np.int32))
             else:
                 self._placeholder_cache = (np.full((n, 16, 16, 3), 128, np.uint8),)
         return self._placeholder_cache

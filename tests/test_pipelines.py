@@ -23,6 +23,7 @@ import videogen
 from config import DataConfig
 from pipelines import build_loader, read_dataset, sampling
 from pipelines.loader import clip_spec, make_pipeline
+from pipelines.decode import demux_encoded, nvdec_unsupported
 from pipelines.sources import BAD, OK, ClipSource
 
 TEMPLATES = ["Holding [something] next to [something]", "Pushing [something] from left to right",
@@ -406,23 +407,47 @@ def test_gpu_source_sends_encoded_video_and_marks_bad_files(broken):
         assert placeholder.streams.video[0].frames > 0
 
 
+@pytest.fixture(scope="module")
+def kinetics_gpu(tmp_path_factory):
+    """Videos NVDEC decodes: H.264 High 4:2:0 and VP9 profile 0 of at least 128 x 128 (NVDEC's VP9 minimum)."""
+    root = str(tmp_path_factory.mktemp("kinetics_gpu"))
+    size = dict(width=160, height=128)
+    videogen.write_kinetics(root, "train", [
+        dict(label="a", frames=40, **size), dict(label="b", frames=44, codec="vp9", **size),
+        dict(label="a", frames=24, **size), dict(label="c", frames=36, fps=15, **size),
+        dict(label="b", frames=10, **size)])
+    videogen.write_kinetics(root, "val", [dict(label="c", frames=30, **size),
+                                          dict(label="a", frames=40, codec="vp9", **size),
+                                          dict(label="b", frames=20, **size)])
+    return root
+
+
+def test_gpu_fixtures_are_streams_nvdec_decodes(kinetics_gpu):
+    paths = [os.path.join(folder, name) for folder, _, names in os.walk(kinetics_gpu) for name in names
+             if name.endswith((".mp4", ".webm"))]
+    streams = [demux_encoded(open(path, "rb").read()) for path in paths]
+    assert {(s.codec, s.profile) for s in streams} == {("h264", "High"), ("vp9", "Profile 0")}
+    assert all(nvdec_unsupported(s) is None for s in streams), [nvdec_unsupported(s) for s in streams]
+
+
 @pytest.mark.gpu
-def test_gpu_loader_matches_pyav(kinetics):
-    cfg = kinetics_cfg(kinetics, device="gpu", crop_size=48)
+def test_gpu_loader_matches_pyav(kinetics_gpu):
+    cfg = kinetics_cfg(kinetics_gpu, device="gpu", crop_size=128)  # the short side: no resize, centre columns
     loader = build_loader(cfg, "val", batch_size=3, device_id=0)
     (batch,) = list(loader)
     assert batch.clips.is_cuda and batch.labels.is_cuda
     for clip, index in zip(batch.clips, batch.index.tolist()):
         video = loader.dataset.videos[index]
-        ids = sampling.kinetics_frame_indices(video.num_frames, 30, 8, 2, 30, 0.5)
-        expected = pyav_frames(video.path, ids)[:, :, 8:56]
+        ids = sampling.kinetics_frame_indices(video.num_frames, 30, 8, 2, 30, 0.0)  # the first clip
+        expected = pyav_frames(video.path, ids)[:, :, 16:144]
         assert np.abs(pixels(clip, cfg) - expected).mean() < 3
         assert frame_numbers(clip, cfg) == ids.tolist()
 
 
 @pytest.mark.gpu
-def test_gpu_train_and_ssv2(kinetics, ssv2):
-    train = build_loader(kinetics_cfg(kinetics, device="gpu", color_jitter=True), "train", batch_size=2, device_id=0)
+def test_gpu_train_and_ssv2(kinetics_gpu, ssv2):
+    train = build_loader(kinetics_cfg(kinetics_gpu, device="gpu", color_jitter=True), "train", batch_size=2,
+                         device_id=0)
     assert sum(len(b.index) for b in train) == 5
     cfg = ssv2_cfg(ssv2, device="gpu", train_list="static.json", rand_augment="rand-m9-mstd0.5-inc1")
     (batch,) = list(build_loader(cfg, "train", batch_size=4, device_id=0))

@@ -163,3 +163,12 @@ def test_kcenter_seeds_depend_on_seed_video_and_view_only():
 def test_eval_does_not_import_train():
     code = "import sys, eval; assert 'train' not in sys.modules, 'eval imports train'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_a_spawned_worker_rerunning_the_script_imports_no_torch(script):
+    # what multiprocessing's "spawn" does in each DALI source worker before it unpickles its work
+    code = (f"import runpy, sys; runpy.run_path({script!r}, run_name='__mp_main__'); "
+            "heavy = sorted(m for m in ('torch', 'timm', 'numba', 'models', 'nvidia.dali') if m in sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

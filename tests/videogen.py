@@ -20,7 +20,14 @@ CODECS = {
     "h264": ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-qp", "4", "-g", "8"],
     "vp9": ["-c:v", "libvpx-vp9", "-pix_fmt", "yuv420p", "-lossless", "1", "-g", "8", "-deadline", "realtime",
             "-cpu-used", "8"],
+    # streams NVDEC does not decode (tests of the GPU path's check)
+    "h264_444": ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-qp", "0"],  # x264 writes High 4:4:4 Predictive
+    "h264_10bit": ["-c:v", "libx264", "-pix_fmt", "yuv420p10le"],
+    "h264_422": ["-c:v", "libx264", "-pix_fmt", "yuv422p"],
+    "hevc": ["-c:v", "libx265", "-pix_fmt", "yuv420p", "-x265-params", "log-level=error"],
+    "av1": ["-c:v", "libaom-av1", "-pix_fmt", "yuv420p", "-cpu-used", "8", "-crf", "40"],
 }
+EXTENSIONS = {"vp9": ".webm"}  # the rest go in mp4
 MAX_FRAMES = 61  # red = 8 + 4n must stay below 256
 
 
@@ -65,7 +72,7 @@ def write_frame_folder(root: str, video_id: str, num_frames: int, width: int = 6
 
 def write_kinetics(root: str, split: str, videos: list[dict], csv_name: str | None = None) -> str:
     """Videos under root/<split>/ named as Kinetics clips, and the official CSV. Each dict: label, frames,
-    and optionally fps, codec (h264 | vp9), width, height, subfolder (put the file in root/<split>/<label>/)."""
+    and optionally fps, codec (a key of CODECS), width, height, subfolder (put the file in root/<split>/<label>/)."""
     os.makedirs(root, exist_ok=True)
     csv_path = os.path.join(root, csv_name or f"{split}.csv")
     with open(csv_path, "w", newline="") as f:
@@ -76,7 +83,7 @@ def write_kinetics(root: str, split: str, videos: list[dict], csv_name: str | No
             writer.writerow([video["label"], youtube_id, 10 * i, 10 * i + 10, split, 0])
             if video.get("frames", 0) == 0:  # listed but not on disk
                 continue
-            ext = ".webm" if video.get("codec") == "vp9" else ".mp4"
+            ext = EXTENSIONS.get(video.get("codec"), ".mp4")
             folder = os.path.join(root, split, video["label"] if video.get("subfolder") else "")
             write_video(os.path.join(folder, f"{youtube_id}_{10 * i:06d}_{10 * i + 10:06d}{ext}"), video["frames"],
                         video.get("width", 64), video.get("height", 48), video.get("fps", 30),
