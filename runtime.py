@@ -15,6 +15,7 @@ import random
 import re
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -148,14 +149,16 @@ def set_rng_state(state: dict) -> None:
 # Files: atomic writes, checkpoints
 
 
-def write_atomic(path: str, data: str | bytes) -> None:
-    """Write to a temp file in the same folder, then os.replace: a kill leaves the old file or the new one."""
+@contextmanager
+def atomic_file(path: str, mode: str = "wb"):
+    """A temp file in the folder of `path`, renamed onto it when the block ends: a kill leaves the old file or the
+    new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -163,22 +166,17 @@ def write_atomic(path: str, data: str | bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_atomic(path: str, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save of `state` with this project's format marker, atomically (see write_atomic)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save of `state` with this project's format marker, atomically."""
+    with atomic_file(path) as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f)
 
 
 # what every checkpoint of this project holds, and of what type

@@ -62,16 +62,50 @@ def saved_step(path):
         return -1
 
 
+def process_tree(pid):
+    """pid and all its descendants (from /proc): torchrun starts its workers in sessions of their own, so killing
+    torchrun's process group would leave them running."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
 def run_and_kill(args, last, kill_after_step):
-    """Start the command and SIGKILL its whole process group once last.pt holds a step >= kill_after_step."""
+    """Start the command and SIGKILL it with every process it started (a node lost), once last.pt holds a step
+    >= kill_after_step."""
     proc = subprocess.Popen(args, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and saved_step(last) < kill_after_step:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    tree = process_tree(proc.pid)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    while any(alive(pid) for pid in tree):
+        time.sleep(0.05)
     return saved_step(last)
 
 
