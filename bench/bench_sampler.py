@@ -54,9 +54,12 @@ def original_kcenter(points: torch.Tensor, k: int, start: torch.Tensor) -> torch
 
 
 def synthetic_clip_points(batch: int, seed: int) -> torch.Tensor:
-    """Points as the model builds them from a video: normalised pixels of the non-hybrid frames + coordinates.
+    """Points as the model builds them from a video: normalised pixels of the non-hybrid frames + coordinates."""
+    return clip_points(synthetic_clips(batch, seed))
 
-    The clips are textured backgrounds with moving squares and sensor noise, pixel values mapped to [-1, 1]
+
+def synthetic_clips(batch: int, seed: int) -> torch.Tensor:
+    """(B, 3, 32, 224, 224) textured backgrounds with moving squares and sensor noise, pixel values in [-1, 1]
     (mean = std = 0.5, as in the paper's configs)."""
     g = torch.Generator().manual_seed(seed)
     size = GRID * PATCH
@@ -73,7 +76,7 @@ def synthetic_clip_points(batch: int, seed: int) -> torch.Tensor:
                 img[:, y0:y0 + 40, x0:x0 + 40] = torch.rand(3, 1, 1, generator=g) * 2 - 1
             frames.append(img + 0.05 * torch.randn(img.shape, generator=g))
         clips.append(torch.stack(frames, 1).clamp(-1, 1))  # (3, T, H, W)
-    return clip_points(torch.stack(clips))
+    return torch.stack(clips)
 
 
 def clip_points(clips: torch.Tensor) -> torch.Tensor:

@@ -41,18 +41,20 @@ _FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
 @torch.no_grad()
 def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, groups: Tensor | None = None) -> Tensor:
     """Greedy k-center (farthest-point) selection with Euclidean distance.
 
     Args:
         points: (B, N, D) finite float tensor (fp32 or bf16/fp16; distances are accumulated in fp32 or wider).
-        k: number of points to pick per batch item, 1 <= k <= N.
+        k: number of points to pick per batch item, 1 <= k <= N (<= the number of groups with `groups`).
         start: (B,) index of each item's first pick; drawn uniformly (with `generator`) when None.
+        groups: optional (N,) integer group of each point, the same for every item: picking a point removes every
+            point of its group (e.g. one patch per place of a segment). None: each point is its own group.
 
     Returns:
         (B, k) int64 indices in the order chosen (column 0 == start). Each next pick is the point whose distance
-        to its nearest chosen point is largest; ties go to the lowest index. Chosen points are never picked again,
-        so k == N gives a permutation even when points repeat.
+        to its nearest chosen point is largest among the points not removed; ties go to the lowest index. Chosen
+        points are never picked again, so k == N gives a permutation even when points repeat.
     """
     if points.dim() != 3:
         raise ValueError(f"points must have shape (B, N, D), got {tuple(points.shape)}")
@@ -69,29 +71,37 @@ def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
     if B and not (0 <= int(start.min()) and int(start.max()) < N):
         raise ValueError(f"start indices must be in [0, {N}), got {start.tolist()}")
     start = start.to(device=points.device, dtype=torch.int64)
+    if groups is not None:
+        groups = torch.as_tensor(groups)
+        if groups.shape != (N,) or groups.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"groups must be an integer tensor of shape ({N},), got {groups.dtype} "
+                             f"{tuple(groups.shape)}")
+        if k > len(torch.unique(groups)):
+            raise ValueError(f"k={k} picks cannot come from {len(torch.unique(groups))} groups (one per group)")
+        groups = groups.to(device=points.device, dtype=torch.int64)
     if B == 0:
         return torch.empty(0, k, dtype=torch.int64, device=points.device)
     # distances in fp32 or wider whatever autocast is active around the model (bf16 would change the picks)
     with torch.autocast(points.device.type, enabled=False):
         if points.is_cuda:
-            return _kcenter_cuda(points, k, start)
-        return _kcenter_cpu(points.float(), k, start)
+            return _kcenter_cuda(points, k, start, groups)
+        return _kcenter_cpu(points.float(), k, start, groups)
 
 
 _fused_kernel_refused = False  # set once the driver refused the kernel's cooperative launch in this process
 
 
-def _kcenter_cuda(points: Tensor, k: int, start: Tensor) -> Tensor:
+def _kcenter_cuda(points: Tensor, k: int, start: Tensor, groups: Tensor | None = None) -> Tensor:
     """The fused kernel where Triton is there (KCENTER_TRITON=0 turns it off), else the batched loop; also the
     batched loop, with a warning, once the GPU could not hold the kernel's grid at once (same picks, slower)."""
     global _fused_kernel_refused
     if TRITON_AVAILABLE and not _fused_kernel_refused and os.environ.get("KCENTER_TRITON", "1") != "0":
         try:
-            return kcenter_sample_triton(points, k, start)
+            return kcenter_sample_triton(points, k, start, groups=groups)
         except CooperativeLaunchRefused as e:
             _fused_kernel_refused = True
             log.warning("%s; the K-center sampler uses its PyTorch loop from now on", e)
-    return _kcenter_batched(points.float(), k, start)
+    return _kcenter_batched(points.float(), k, start, groups)
 
 
 def mix_keys(*columns) -> np.ndarray:
@@ -113,7 +123,7 @@ def seeded_starts(seeds: Tensor, num_points: int, stream: int = 0) -> Tensor:
     return torch.from_numpy((mix_keys(seeds.cpu().numpy(), stream) % np.uint64(num_points)).astype(np.int64))
 
 
-def _kcenter_batched(x: Tensor, k: int, start: Tensor) -> Tensor:
+def _kcenter_batched(x: Tensor, k: int, start: Tensor, groups: Tensor | None = None) -> Tensor:
     """All clips at once, one bmm per pick, indices stay on the device (no host sync inside the loop).
     Runs with autocast off (see `kcenter_sample`): under bf16 autocast the bmm would round the distances."""
     B, N, _ = x.shape
@@ -126,13 +136,16 @@ def _kcenter_batched(x: Tensor, k: int, start: Tensor) -> Tensor:
         center = x[rows, last]  # (B, D)
         dist = sq - 2 * torch.bmm(x, center.unsqueeze(-1)).squeeze(-1) + sq[rows, last].unsqueeze(-1)
         torch.minimum(min_dist, dist, out=min_dist)
-        min_dist[rows, last] = -1.0  # chosen points are never picked again
+        if groups is None:
+            min_dist[rows, last] = -1.0  # chosen points are never picked again
+        else:  # nor any point of their group
+            min_dist.masked_fill_(groups[None, :] == groups[last][:, None], -1.0)
         last = min_dist.argmax(-1)
         picks[:, i] = last
     return picks
 
 
-def _kcenter_cpu(x: Tensor, k: int, start: Tensor) -> Tensor:
+def _kcenter_cpu(x: Tensor, k: int, start: Tensor, groups: Tensor | None = None) -> Tensor:
     """One clip per thread, each running single-threaded ops.
 
     The per-clip search is many small steps; splitting each over the intra-op thread pool makes every one wait at
@@ -141,6 +154,8 @@ def _kcenter_cpu(x: Tensor, k: int, start: Tensor) -> Tensor:
     restored afterwards.
     """
     x = x.detach().contiguous()  # the compiled loop reads plain C-ordered arrays
+    # each point its own group without `groups`: one code path, removing a pick's group removes the pick
+    groups = torch.arange(x.shape[1]) if groups is None else groups.cpu().contiguous()
 
     def one(b: int) -> Tensor:
         # float64 sums of the fp32 rows, in blocks: the sum converts a copy first, and a copy of the whole clip
@@ -155,11 +170,12 @@ def _kcenter_cpu(x: Tensor, k: int, start: Tensor) -> Tensor:
         if greedy_pruned is not None:
             out, dist = np.empty(k, dtype=np.int64), np.empty(x.shape[1])
             out[0] = picks[0]
-            n = greedy_pruned(x[b].numpy(), summary.numpy(), out, dist, _PROBE_PICKS, _MAX_FULL_FRACTION)
+            n = greedy_pruned(x[b].numpy(), summary.numpy(), groups.numpy(), out, dist, _PROBE_PICKS,
+                              _MAX_FULL_FRACTION)
             if n == k:
                 return torch.from_numpy(out)
             picks, min_dist = out[:n].tolist(), torch.from_numpy(dist).float()
-        return _kcenter_lazy_one(x[b], k, picks, min_dist)
+        return _kcenter_lazy_one(x[b], k, picks, min_dist, groups=groups)
 
     threads = torch.get_num_threads()
     if threads == 1 or x.shape[0] == 1:
@@ -216,11 +232,12 @@ class _Rerank:
 
 
 def _kcenter_lazy_one(x: Tensor, k: int, picks: list[int], min_dist: Tensor | None = None, sync_every: int = 64,
-                      chunk: int = 64, max_prefix: int = 512) -> Tensor:
+                      chunk: int = 64, max_prefix: int = 512, groups: Tensor | None = None) -> Tensor:
     """Exact greedy k-center for one clip on the CPU, with most distances computed as matrix products.
 
     Continues the sequence `picks` (at least the start) to k picks; `min_dist` holds each point's squared
-    distance to its nearest pick among picks[:-1] (chosen points -1), None when only the start is given.
+    distance to its nearest pick among picks[:-1] (points removed: -1), None when only the start is given.
+    `groups` (N,): picking a point removes its group (None: each point is its own group).
 
     A point's min-distance only shrinks as centers are added, so a stale value is an upper bound. Every
     `sync_every` picks all points are brought up to date with one (N, m) product against the m newest centers and
@@ -236,6 +253,7 @@ def _kcenter_lazy_one(x: Tensor, k: int, picks: list[int], min_dist: Tensor | No
     every step to float64.
     """
     N, D = x.shape
+    groups = torch.arange(N) if groups is None else groups
     sq = (x * x).sum(1)
     tol = _FP32_UNIT_ROUNDOFF * math.sqrt(D + 2) * 4 * float(sq.max()) + 1e-30
     rerank = None  # float64 re-ranking, set up at the first near-tie
@@ -250,12 +268,12 @@ def _kcenter_lazy_one(x: Tensor, k: int, picks: list[int], min_dist: Tensor | No
             new = torch.tensor(picks[synced:])
             dist = sq[:, None] - 2 * (x @ rows(x, new).T) + rows(sq, new)[None]  # (N, m)
             torch.minimum(min_dist, dist.amin(1), out=min_dist)
-            min_dist[new] = -1.0
+            min_dist[torch.isin(groups, rows(groups, new))] = -1.0  # the picks' groups are removed
             synced = i
             bound, order = torch.sort(min_dist, descending=True, stable=True)  # stable: ties keep index order
             prefix.size = 0
         elif prefix.size:
-            prefix.add_center(x[last], sq[last], last)
+            prefix.add_center(x[last], sq[last], int(groups[last]))
         L = prefix.size
         best = float(prefix.exact[:L].max()) if L else -math.inf
         while L < N and float(bound[L]) >= best - 2 * tol:
@@ -265,8 +283,8 @@ def _kcenter_lazy_one(x: Tensor, k: int, picks: list[int], min_dist: Tensor | No
                 newer = torch.tensor(picks[synced:])
                 dist = rows(sq, grow)[:, None] - 2 * (points @ rows(x, newer).T) + rows(sq, newer)[None]
                 torch.minimum(values, dist.amin(1), out=values)
-                values[torch.isin(grow, newer)] = -1.0
-            prefix.append(points, rows(sq, grow), grow, values)
+                values[torch.isin(rows(groups, grow), rows(groups, newer))] = -1.0
+            prefix.append(points, rows(sq, grow), grow, rows(groups, grow), values)
             L = prefix.size
             best = max(best, float(values.max()))
         near = (prefix.exact[:L] >= best - 2 * tol).nonzero().squeeze(1)
@@ -287,27 +305,29 @@ def rows(t: Tensor, index: Tensor) -> Tensor:
 
 class _Prefix:
     """The evaluated head of the sorted order: its points (contiguous, so a step is one matrix-vector product),
-    squared norms, indices and exact min-distances. Grows by doubling; `size = 0` empties it."""
+    squared norms, indices, groups and exact min-distances. Grows by doubling; `size = 0` empties it."""
 
     def __init__(self, capacity: int, dim: int):
         self.points, self.sq = torch.empty(capacity, dim), torch.empty(capacity)
-        self.index, self.exact = torch.empty(capacity, dtype=torch.int64), torch.empty(capacity)
+        self.index, self.group = torch.empty(capacity, dtype=torch.int64), torch.empty(capacity, dtype=torch.int64)
+        self.exact = torch.empty(capacity)
         self.size = 0
 
-    def add_center(self, center: Tensor, center_sq: Tensor, center_index: int) -> None:
+    def add_center(self, center: Tensor, center_sq: Tensor, center_group: int) -> None:
         n = self.size
         dist = self.sq[:n] - 2 * (self.points[:n] @ center) + center_sq
         torch.minimum(self.exact[:n], dist, out=self.exact[:n])
-        self.exact[:n][self.index[:n] == center_index] = -1.0
+        self.exact[:n][self.group[:n] == center_group] = -1.0
 
-    def append(self, points: Tensor, sq: Tensor, index: Tensor, exact: Tensor) -> None:
+    def append(self, points: Tensor, sq: Tensor, index: Tensor, group: Tensor, exact: Tensor) -> None:
         n, m = self.size, len(index)
         if n + m > len(self.index):
             grow = max(n + m, 2 * len(self.index))
             self.points = torch.cat([self.points[:n], torch.empty(grow - n, self.points.shape[1])])
-            self.sq, self.index, self.exact = (torch.cat([t[:n], t.new_empty(grow - n)])
-                                               for t in (self.sq, self.index, self.exact))
-        self.points[n:n + m], self.sq[n:n + m], self.index[n:n + m], self.exact[n:n + m] = points, sq, index, exact
+            self.sq, self.index, self.group, self.exact = (torch.cat([t[:n], t.new_empty(grow - n)])
+                                                           for t in (self.sq, self.index, self.group, self.exact))
+        self.points[n:n + m], self.sq[n:n + m], self.exact[n:n + m] = points, sq, exact
+        self.index[n:n + m], self.group[n:n + m] = index, group
         self.size = n + m
 
 

@@ -20,14 +20,15 @@ _MAX_FLOAT64 = np.finfo(np.float64).max
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
-def greedy_pruned(x, summary, picks, min_dist, probe, max_full_fraction):  # pragma: no cover (compiled)
+def greedy_pruned(x, summary, groups, picks, min_dist, probe, max_full_fraction):  # pragma: no cover (compiled)
     """Fill picks[1:] with the greedy k-center sequence from picks[0].
 
     Args:
         x: (N, D) float32 finite points, C-contiguous.
         summary: (N, R) float64 lower-bound summary of x (`lower_bound_summary`).
+        groups: (N,) int64 group of each point: a pick removes its whole group (arange(N): only itself).
         picks: (k,) int64, picks[0] set by the caller.
-        min_dist: (N,) float64 output: squared distance of each point to its nearest folded-in pick.
+        min_dist: (N,) float64 output: squared distance of each point to its nearest folded-in pick (-1: removed).
         probe, max_full_fraction: after `probe` picks, give up when more than this fraction of the rows were read
             in full (data the bound cannot prune, such as white noise, where a blocked matrix product is faster).
 
@@ -48,10 +49,13 @@ def greedy_pruned(x, summary, picks, min_dist, probe, max_full_fraction):  # pra
     full = 0
     for i in range(1, k):
         c = picks[i - 1]
+        group = groups[c]
         best, best_index = -2.0, 0
         for j in range(N):
             dj = min_dist[j]
-            if dj > 0.0:
+            if groups[j] == group:
+                dj = -1.0  # chosen points are never picked again, nor the other points of their group
+            elif dj > 0.0:
                 bound = 0.0
                 for r in range(R):
                     diff = summary[j, r] - summary[c, r]
@@ -63,8 +67,6 @@ def greedy_pruned(x, summary, picks, min_dist, probe, max_full_fraction):  # pra
                         diff = np.float64(x[j, t]) - np.float64(x[c, t])
                         dist += diff * diff
                     dj = min(dj, dist)
-            if j == c:
-                dj = -1.0  # chosen points are never picked again
             min_dist[j] = dj
             if dj > best:  # strict: the lowest index wins an exact tie
                 best, best_index = dj, j

@@ -51,12 +51,13 @@ def default_parts(batch: int, n: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def kcenter_sample_triton(points: Tensor, k: int, start: Tensor, parts: int | None = None,
-                          stats: Tensor | None = None) -> Tensor:
+                          stats: Tensor | None = None, groups: Tensor | None = None) -> Tensor:
     """Same contract as `kcenter_sample` (arguments already checked there).
 
     Args:
         points: (B, N, D) fp32/bf16/fp16, CUDA (or CPU under TRITON_INTERPRET=1).
         start: (B,) first pick of each clip.
+        groups: optional (N,) group of each point: a pick removes its group (the same for every clip).
         parts: programs per clip (default: fill the GPU; 1 under the interpreter).
         stats: optional (B,) int64 tensor; receives the number of rows whose full distance was computed.
     Returns:
@@ -78,14 +79,16 @@ def kcenter_sample_triton(points: Tensor, k: int, start: Tensor, parts: int | No
     partial_idx = torch.empty(B, 2, block_p, dtype=torch.int32, device=x.device)
     arrivals = torch.zeros(B, dtype=torch.int32, device=x.device)
     full_rows = stats if stats is not None else torch.zeros(B, dtype=torch.int64, device=x.device)
+    group_of = (groups if groups is not None else start).to(device=x.device, dtype=torch.int32)  # unread if None
     try:
         # cooperative: the driver guarantees that every program of the grid is resident at once (the barrier spins
         # until all have arrived), or refuses the launch, e.g. under MPS with an SM limit or beside a persistent
         # kernel, instead of letting the barrier wait forever
         _kcenter_kernel[(B, parts)](
             x, summary, start.to(device=x.device, dtype=torch.int32), picks, min_dist, partial_val, partial_idx,
-            arrivals, full_rows, N, D, k, slice_len, parts, R=summary.shape[-1], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            BLOCK_P=block_p, SLACK=SLACK, COUNT_ROWS=stats is not None, num_warps=4, launch_cooperative_grid=True)
+            arrivals, full_rows, group_of, N, D, k, slice_len, parts, R=summary.shape[-1], BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D, BLOCK_P=block_p, SLACK=SLACK, COUNT_ROWS=stats is not None, HAS_GROUPS=groups is not None,
+            num_warps=4, launch_cooperative_grid=True)
     except RuntimeError as e:
         if "cooperative" not in str(e).lower():
             raise
@@ -124,9 +127,9 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _kcenter_kernel(x_ptr, s_ptr, start_ptr, picks_ptr, min_ptr, part_val_ptr, part_idx_ptr, arrivals_ptr,
-                        rows_ptr, N, D, K, slice_len, P, R: tl.constexpr, BLOCK_N: tl.constexpr,
+                        rows_ptr, groups_ptr, N, D, K, slice_len, P, R: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, SLACK: tl.constexpr,
-                        COUNT_ROWS: tl.constexpr):
+                        COUNT_ROWS: tl.constexpr, HAS_GROUPS: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1)
         row0 = p * slice_len
@@ -143,10 +146,15 @@ if TRITON_AVAILABLE:
             center_s = tl.load(s_b + last * R + r_cols)  # (R,)
             best_val = -1.0
             best_idx = N
+            if HAS_GROUPS:
+                last_group = tl.load(groups_ptr + last)
             for t in range(row0, row1, BLOCK_N):
                 rows = t + tl.arange(0, BLOCK_N)
                 in_slice = rows < row1
                 md = tl.load(min_b + rows, mask=in_slice, other=-1.0)  # (BLOCK_N,)
+                if HAS_GROUPS:  # the pick's group is removed (the pick with it) before any row is read
+                    group = tl.load(groups_ptr + rows, mask=in_slice, other=-1)
+                    md = tl.where(group == last_group, -1.0, md)
                 s = tl.load(s_b + rows[:, None] * R + r_cols[None, :], mask=in_slice[:, None], other=0.0)
                 gap = s - center_s[None, :]
                 bound = tl.sum(gap * gap, axis=1)  # <= squared distance to the center

@@ -19,8 +19,9 @@ def cpu_path(request, monkeypatch):
     return request.param
 
 
-def reference_kcenter(points, k, start):
-    """Brute force in float64: distances from each new pick to every point, min, argmax (lowest index on ties)."""
+def reference_kcenter(points, k, start, groups=None):
+    """Brute force in float64: distances from each new pick to every point, min, argmax (lowest index on ties);
+    with `groups`, every point of a picked point's group is removed."""
     out = []
     for x, s in zip(points.double(), start.tolist()):
         min_dist = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
@@ -28,6 +29,8 @@ def reference_kcenter(points, k, start):
         for _ in range(1, k):
             min_dist = torch.minimum(min_dist, ((x - x[picks[-1]]) ** 2).sum(-1))
             min_dist[picks] = -1.0
+            if groups is not None:
+                min_dist[torch.isin(groups, groups[picks])] = -1.0
             picks.append(int(min_dist.argmax()))
         out.append(picks)
     return torch.tensor(out)
@@ -102,8 +105,8 @@ def test_distances_computed_without_n_by_n_matrix(monkeypatch):
 def lazy_calls(monkeypatch) -> list[int]:
     """Records how many picks the compiled loop had made each time the PyTorch search took over."""
     calls, lazy = [], kcenter._kcenter_lazy_one
-    monkeypatch.setattr(kcenter, "_kcenter_lazy_one", lambda x, k, picks, *a: calls.append(len(picks)) or
-                        lazy(x, k, picks, *a))
+    monkeypatch.setattr(kcenter, "_kcenter_lazy_one", lambda x, k, picks, *a, **kw: calls.append(len(picks)) or
+                        lazy(x, k, picks, *a, **kw))
     return calls
 
 
@@ -245,3 +248,41 @@ def test_seeded_starts_are_a_function_of_the_seeds():
     assert torch.equal(s_index[1:2], sampler(clip[1:2], seeds=seeds[1:2])[2])  # whatever else is in the batch
     starts = kcenter.seeded_starts(torch.arange(2000), 48)
     assert starts.min() >= 0 and starts.max() < 48 and len(starts.unique()) == 48  # every point is a start
+
+
+# (B, frames, places, D, k): one pick per place of a 4-frame segment (the TimeSformer's), fewer picks than places,
+# and white noise at the paper's width (the compiled loop hands over to the PyTorch search mid-run)
+GROUPED = [(3, 4, 49, 24, 49), (2, 4, 36, 771, 20), (2, 4, 196, 771, 196)]
+
+
+@pytest.mark.parametrize("B,T,P,D,k", GROUPED)
+def test_groups_one_pick_per_place_matches_reference(B, T, P, D, k, cpu_path, monkeypatch):
+    calls = lazy_calls(monkeypatch)
+    g = torch.Generator().manual_seed(T * P + D)
+    points = torch.randn(B, T * P, D, generator=g)
+    groups = torch.arange(T * P) % P  # the place of each point, frame-major
+    start = torch.randint(T * P, (B,), generator=g)
+    expected = reference_kcenter(points, k, start, groups)
+    picks = kcenter_sample(points, k, start, groups=groups)
+    assert torch.equal(picks, expected)
+    assert torch.equal(_kcenter_batched(points, k, start, groups), expected)  # the CUDA fallback's code path
+    for row in picks:  # at most one point of a place, and exactly one of each when k is the number of places
+        assert len(set(groups[row].tolist())) == k
+    if D == 771 and k == P and cpu_path == "compiled":
+        assert calls, "white noise should have reached the PyTorch search with its groups"
+
+
+def test_groups_with_exact_ties_go_to_the_lowest_index(cpu_path):
+    g = torch.Generator().manual_seed(5)
+    points = torch.randint(0, 2, (2, 120, 5), generator=g).float()  # many exact ties
+    groups = torch.arange(120) % 30
+    start = torch.tensor([0, 119])
+    assert torch.equal(kcenter_sample(points, 30, start, groups=groups), reference_kcenter(points, 30, start, groups))
+
+
+def test_groups_validated():
+    points = torch.randn(1, 8, 3)
+    with pytest.raises(ValueError, match="k=5 picks cannot come from 4 groups"):
+        kcenter_sample(points, 5, torch.tensor([0]), groups=torch.arange(8) % 4)
+    with pytest.raises(ValueError, match="groups must be an integer tensor of shape"):
+        kcenter_sample(points, 2, torch.tensor([0]), groups=torch.arange(7))

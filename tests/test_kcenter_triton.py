@@ -128,9 +128,10 @@ from triton.compiler import ASTSource
 from models import kcenter_triton as kt
 
 pointers = dict(x_ptr="*fp32", s_ptr="*fp32", start_ptr="*i32", picks_ptr="*i64", min_ptr="*fp32",
-                part_val_ptr="*fp32", part_idx_ptr="*i32", arrivals_ptr="*i32", rows_ptr="*i64")
+                part_val_ptr="*fp32", part_idx_ptr="*i32", arrivals_ptr="*i32", rows_ptr="*i64", groups_ptr="*i32")
 scalars = dict.fromkeys(["N", "D", "K", "slice_len", "P"], "i32")
-constants = dict(R=16, BLOCK_N=kt.BLOCK_N, BLOCK_D=kt.BLOCK_D, BLOCK_P=16, SLACK=kt.SLACK, COUNT_ROWS=True)
+constants = dict(R=16, BLOCK_N=kt.BLOCK_N, BLOCK_D=kt.BLOCK_D, BLOCK_P=16, SLACK=kt.SLACK, COUNT_ROWS=True,
+                 HAS_GROUPS=True)
 signature = {**pointers, **scalars, **dict.fromkeys(constants, "constexpr")}
 source = ASTSource(fn=kt._kcenter_kernel, signature=signature, constexprs=constants)
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -224,3 +225,24 @@ def test_refused_cooperative_launch_falls_back_to_the_loop(interpreted, monkeypa
     assert caplog.text.count("cooperative launch of 2 x 1 programs") == 1 and kcenter._fused_kernel_refused
     with pytest.raises(kt.CooperativeLaunchRefused, match="too many blocks"):  # raised by the kernel's wrapper
         kt.kcenter_sample_triton(points, 30, start)
+
+
+@pytest.mark.parametrize("B,T,P,D,k", [(2, 4, 49, 24, 49), (2, 4, 36, 100, 20)])
+def test_interpreted_kernel_with_groups_matches_reference(interpreted, B, T, P, D, k):
+    g = torch.Generator().manual_seed(P + D)
+    points = torch.randn(B, T * P, D, generator=g)
+    groups = torch.arange(T * P) % P
+    start = torch.randint(T * P, (B,), generator=g)
+    picks = interpreted.kcenter_sample_triton(points, k, start, groups=groups)
+    assert torch.equal(picks, reference_kcenter(points, k, start, groups))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parts", [None, 1, 3])
+def test_cuda_kernel_with_groups_one_pick_per_place(parts):
+    points = video_like_points(16, frames=4, grid=14).cuda()  # 16 segments of 4 x 196 patches
+    groups = torch.arange(4 * 196, device="cuda") % 196
+    start = torch.arange(16, device="cuda") * 37
+    fused = kcenter_triton.kcenter_sample_triton(points, 196, start, parts=parts, groups=groups)
+    assert all(len(set(row)) == 196 for row in groups[fused].tolist())  # every place exactly once
+    assert torch.equal(fused.cpu(), kcenter_sample(points.cpu(), 196, start.cpu(), groups=groups.cpu()))
