@@ -60,8 +60,12 @@ class DataConfig:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
+ARCHS = ("vit", "timesformer", "motionformer")  # the families of models/__init__.py (ARCHS), by name
+
+
 @dataclass
 class ModelConfig:
+    arch: str = "vit"  # vit | timesformer | motionformer (the paper's three K-center families)
     img_size: int = 224
     patch_size: int = 16
     embed_dim: int = 768
@@ -72,7 +76,9 @@ class ModelConfig:
     num_classes: int = 400
     num_frames: int = 32  # input frames; must equal data.num_frames
     num_tokens: int = 1568  # tokens kept per clip (hybrid frames + k-center picks)
-    num_hybrid_frames: int = 3  # whole frames kept at linspace positions
+    num_hybrid_frames: int = 3  # whole frames: at linspace positions (vit), at the centres of segments (the others)
+    num_segments: int = 8  # timesformer, motionformer: the frames are cut into this many segments, one token group
+    # of grid^2 each (num_tokens = num_segments x grid^2); the vit samples all frames at once and does not read it
     spatial_coef: float = 1.0  # weight of the (h, w) coordinates in the k-center distance
     temporal_coef: float = 1.0  # weight of the t coordinate
     drop_rate: float = 0.0
@@ -82,8 +88,9 @@ class ModelConfig:
     pretrained: str = ""  # timm model name (needs the hub) or a local .pth/.safetensors file; empty = random init
 
     def __post_init__(self):
+        _check_choice("model.arch", self.arch, ARCHS)
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes", "num_frames",
-                     "num_tokens"):
+                     "num_tokens", "num_segments"):
             _check_positive(f"model.{name}", getattr(self, name))
         if self.img_size % self.patch_size:
             raise ValueError(f"model.img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
@@ -102,7 +109,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/exp"
+    out_dir: str = "runs/exp"  # may name other settings, e.g. runs/demo_{model.arch}
     epochs: int = 15
     batch_size: int = 256  # global: micro_batch_size x world size x accumulation steps
     micro_batch_size: int = 8  # clips per process per forward pass
@@ -168,6 +175,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        try:  # placeholders such as {model.arch}: one out_dir pattern serves every family
+            self.train.out_dir = self.train.out_dir.format(data=self.data, model=self.model, train=self.train)
+        except (KeyError, AttributeError, IndexError, ValueError) as e:
+            raise ValueError(f"train.out_dir {self.train.out_dir!r}: cannot fill in its placeholder ({e}); "
+                             f"use names such as {{model.arch}}") from None
         if self.model.num_frames != self.data.num_frames:
             raise ValueError(f"model.num_frames ({self.model.num_frames}) != data.num_frames ({self.data.num_frames})")
         if self.model.img_size != self.data.crop_size:

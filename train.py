@@ -64,6 +64,8 @@ def build_schedule(optimizer, cfg: Config, steps_per_epoch: int):
 
 # What a resumed run must share with the run that wrote last.pt to continue exactly as if never stopped.
 RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size"],
+               "model": ["arch", "num_tokens", "num_hybrid_frames", "num_segments", "img_size", "patch_size",
+                         "embed_dim", "depth", "num_heads", "num_classes"],
                "train": ["seed", "epochs", "batch_size", "micro_batch_size", "max_steps_per_epoch", "lr",
                          "min_lr", "warmup_epochs"]}
 

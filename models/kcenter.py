@@ -118,8 +118,9 @@ def mix_keys(*columns) -> np.ndarray:
     return h
 
 
-def seeded_starts(seeds: Tensor, num_points: int, stream: int = 0) -> Tensor:
+def seeded_starts(seeds: Tensor, num_points: int, stream: int | Tensor = 0) -> Tensor:
     """(B,) int64 clip seeds -> (B,) first picks in [0, num_points), a fixed function of (seed, stream)."""
+    stream = stream.cpu().numpy() if isinstance(stream, Tensor) else stream
     return torch.from_numpy((mix_keys(seeds.cpu().numpy(), stream) % np.uint64(num_points)).astype(np.int64))
 
 
@@ -358,37 +359,83 @@ def hybrid_frame_indices(num_frames: int, num_hybrid_frames: int) -> Tensor:
     return torch.linspace(0, num_frames - 1, num_hybrid_frames).long()
 
 
+def segment_layout(num_frames: int, num_segments: int, num_hybrid_frames: int) -> tuple[Tensor, Tensor]:
+    """Where the hybrid frames are and which frames each k-center run samples from.
+
+    num_segments == 1 (the K-center ViT): hybrid frames at linspace(0, T-1, n); one run over all other frames.
+    num_segments == S > 1 (TimeSformer, Motionformer): the T frames are cut into S segments of L = T/S; n segments
+    at linspace(0, S-1, n) (truncated) keep their centre frame (L*s + L/2) whole; every other segment is a run.
+
+    Returns:
+        hybrid (n,) frame indices; runs (R, F) frame indices of each k-center run (R runs of F frames).
+    """
+    if num_segments == 1:
+        hybrid = hybrid_frame_indices(num_frames, num_hybrid_frames)
+        return hybrid, torch.tensor([[t for t in range(num_frames) if t not in set(hybrid.tolist())]])
+    length = num_frames // num_segments
+    hybrid_segments = torch.linspace(0, num_segments - 1, num_hybrid_frames).long()
+    runs = [s for s in range(num_segments) if s not in set(hybrid_segments.tolist())]
+    return length * hybrid_segments + length // 2, torch.tensor([list(range(length * s, length * (s + 1)))
+                                                                 for s in runs], dtype=torch.long).view(-1, length)
+
+
 class KCenterTokenSampler(nn.Module):
     """Selects `num_tokens` patches of a clip: whole hybrid frames first, then k-center picks over the rest.
 
     forward(clip (B, C, T, H, W)) -> patches (B, K, C*p*p), t_index (B, K), s_index (B, K), where t_index is
-    the frame of each patch and s_index = row * grid + col its place in the frame. Hybrid patches come in frame
-    and raster order, k-center patches in the order chosen. The first k-center pick of each clip is `start`,
-    else a function of `seeds` (B,) (one int64 per clip, e.g. from (seed, epoch, video)), else drawn from
-    torch's global RNG.
+    the frame of each patch and s_index = row * grid + col its place in the frame. Hybrid patches come first, in
+    frame and raster order, then each k-center run's picks (`segment_layout`): in the order chosen, or sorted by
+    place (`sort_by_place`, with `one_per_place` a run then reads as one mosaic frame). With `one_per_place` a
+    pick removes the other patches of its place from its run.
+
+    The first pick of each run is `start` ((B,) or (B, runs)), else a function of `seeds` (B,) (one int64 per
+    clip, e.g. from (seed, epoch, video)) and the run, else drawn from torch's global RNG.
     """
 
     def __init__(self, *, num_frames: int, img_size: int, patch_size: int, num_tokens: int,
                  num_hybrid_frames: int = 0, pixel_std: float = 0.5, temporal_coef: float = 1.0,
-                 spatial_coef: float = 1.0):
+                 spatial_coef: float = 1.0, num_segments: int = 1, one_per_place: bool = False,
+                 sort_by_place: bool = False):
         super().__init__()
         self.patch_size = patch_size
         self.grid = img_size // patch_size
         per_frame = self.grid ** 2
+        if num_segments < 1 or num_frames % num_segments:
+            raise ValueError(f"model.num_segments {num_segments} must divide num_frames {num_frames}")
+        if num_hybrid_frames > (num_segments if num_segments > 1 else num_frames):
+            raise ValueError(f"model.num_hybrid_frames {num_hybrid_frames} is more than the "
+                             f"{'segments' if num_segments > 1 else 'frames'} there are")
+        hybrid, runs = segment_layout(num_frames, num_segments, num_hybrid_frames)
         self.num_hybrid_tokens = num_hybrid_frames * per_frame
         self.num_kcenter_tokens = num_tokens - self.num_hybrid_tokens
-        if not 0 <= self.num_kcenter_tokens <= (num_frames - num_hybrid_frames) * per_frame:
-            raise ValueError(f"num_tokens {num_tokens} does not fit {num_hybrid_frames} hybrid frames of "
-                             f"{per_frame} patches in {num_frames} frames")
-        hybrid = hybrid_frame_indices(num_frames, num_hybrid_frames)
-        other = torch.tensor([t for t in range(num_frames) if t not in set(hybrid.tolist())], dtype=torch.long)
+        self.num_runs = len(runs) if self.num_kcenter_tokens else 0
+        self.picks_per_run = self.num_kcenter_tokens // max(self.num_runs, 1)
+        candidates = runs.shape[1] * per_frame
+        fits = self.num_kcenter_tokens >= 0 and self.picks_per_run * max(self.num_runs, 1) == self.num_kcenter_tokens
+        fits = fits and self.picks_per_run <= (per_frame if one_per_place else candidates)
+        if not fits:
+            raise ValueError(f"model.num_tokens {num_tokens} does not fit {num_hybrid_frames} hybrid frames of "
+                             f"{per_frame} patches and an equal share of at most "
+                             f"{per_frame if one_per_place else candidates} picks for each of {len(runs)} k-center "
+                             f"runs of {runs.shape[1]} frames ({num_frames} frames, {num_segments} segments)")
+        self.one_per_place, self.sort_by_place = one_per_place, sort_by_place
         coords = patch_coordinates(num_frames, self.grid, patch_size, pixel_std, temporal_coef, spatial_coef)
         frame_of = torch.arange(num_frames).repeat_interleave(per_frame)  # (T*grid*grid,)
         place_of = torch.arange(per_frame).repeat(num_frames)
-        for name, value in (("hybrid_frames", hybrid), ("kcenter_frames", other),
-                            ("kcenter_coords", coords[other].flatten(0, 2)),  # (N, 3)
+        for name, value in (("hybrid_frames", hybrid), ("run_frames", runs),  # (R, F)
+                            ("run_coords", coords[runs].flatten(1, 3)),  # (R, F*grid*grid, 3)
+                            ("run_places", torch.arange(candidates) % per_frame),  # the group of each candidate
                             ("frame_of", frame_of), ("place_of", place_of)):
             self.register_buffer(name, value, persistent=False)
+
+    @property
+    def candidates_per_run(self) -> int:
+        return self.run_coords.shape[1]
+
+    def run_starts(self, seeds: Tensor) -> Tensor:
+        """(B,) clip seeds -> (B * runs,) first picks: run r of a clip uses stream r (run 0: the ViT's one)."""
+        runs = torch.arange(self.num_runs).repeat(len(seeds))
+        return seeded_starts(seeds.cpu().repeat_interleave(self.num_runs), self.candidates_per_run, stream=runs)
 
     @torch.no_grad()
     def forward(self, clip: Tensor, start: Tensor | None = None, generator: torch.Generator | None = None,
@@ -399,12 +446,20 @@ class KCenterTokenSampler(nn.Module):
         flat_index = torch.arange(T * per_frame, device=clip.device).view(T, per_frame)
         chosen = [flat_index[self.hybrid_frames].flatten().expand(B, -1)]  # (B, n*h*w) raster order
         if self.num_kcenter_tokens:
-            others = patches[:, self.kcenter_frames].flatten(1, 3)  # (B, N, C*p*p)
-            coords = self.kcenter_coords.to(others.dtype).expand(B, -1, -1)
-            if start is None and seeds is not None:
-                start = seeded_starts(seeds, others.shape[1])
-            picks = kcenter_sample(torch.cat([others, coords], dim=-1), self.num_kcenter_tokens, start, generator)
-            chosen.append(flat_index[self.kcenter_frames].flatten()[picks])  # back to indices in the whole clip
+            R, N = self.num_runs, self.candidates_per_run
+            pixels = patches[:, self.run_frames].flatten(0, 1).flatten(1, 3)  # (B*R, N, C*p*p), run-major per clip
+            coords = self.run_coords.to(pixels.dtype).repeat(B, 1, 1)  # (B*R, N, 3)
+            if start is not None:
+                start = torch.as_tensor(start).reshape(-1)
+            elif seeds is not None:
+                start = self.run_starts(seeds)
+            picks = kcenter_sample(torch.cat([pixels, coords], dim=-1), self.picks_per_run, start, generator,
+                                   groups=self.run_places if self.one_per_place else None)  # (B*R, q)
+            if self.sort_by_place:
+                picks = picks.gather(1, (picks % per_frame).sort(dim=1, stable=True).indices)
+            run_index = flat_index[self.run_frames].flatten(1)  # (R, N) index in the whole clip of each candidate
+            picks = run_index.repeat(B, 1).gather(1, picks)  # back to indices in the whole clip
+            chosen.append(picks.view(B, R * self.picks_per_run))
         index = torch.cat(chosen, dim=1)  # (B, K)
         tokens = torch.gather(patches.flatten(1, 3), 1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         return tokens, self.frame_of[index], self.place_of[index]

@@ -2,7 +2,11 @@
 
 The sampler keeps `num_tokens` of a clip's T*h*w patches; only those are embedded. Each token gets the spatial
 position embedding of its place in the frame (the 2-D ViT's, so ImageNet weights load as they are) plus a
-learned temporal embedding of its frame. Class token, timm `Block`s with fused attention, norm, linear head.
+learned temporal embedding of its true frame. Class token, timm `Block`s with fused attention, norm, linear head.
+
+`KCenterViT` is also the frame the other families fill in (models/timesformer.py, models/motionformer.py): they
+change how the sampler lays out the tokens (`segmented`: one group of grid^2 tokens per segment of the clip) and
+the blocks (`make_block`, `run_blocks`); embedding, head, optimizer groups and 2-D weight loading are shared.
 """
 from __future__ import annotations
 
@@ -24,35 +28,59 @@ log = logging.getLogger(__name__)
 class KCenterViT(nn.Module):
     # how eval.py combines a video's views by default: the original sums the ViT's logits (utils/meters.py)
     test_ensemble = "sum_logits"
+    # the token layout: False = one k-center run over every non-hybrid frame, picks in pick order (the ViT);
+    # True = `num_segments` groups of grid^2 tokens, one per segment (TimeSformer, Motionformer)
+    segmented = False
+    one_per_place = sort_by_place = False
 
     def __init__(self, *, num_classes: int, num_frames: int = 32, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, num_tokens: int = 1568, num_hybrid_frames: int = 3,
                  pixel_std: float = 0.5, temporal_coef: float = 1.0, spatial_coef: float = 1.0,
                  drop_rate: float = 0.0, pos_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1):
+                 drop_path_rate: float = 0.1, num_segments: int = 8):
         super().__init__()
+        grid = img_size // patch_size
+        self.num_groups = num_segments if self.segmented else 1  # token groups the blocks see
+        if self.segmented and num_tokens != num_segments * grid * grid:
+            raise ValueError(f"model.num_tokens {num_tokens} must be model.num_segments x {grid}x{grid} places = "
+                             f"{num_segments * grid * grid} for {type(self).__name__}: one token group per segment")
         self.sampler = KCenterTokenSampler(
             num_frames=num_frames, img_size=img_size, patch_size=patch_size, num_tokens=num_tokens,
             num_hybrid_frames=num_hybrid_frames, pixel_std=pixel_std, temporal_coef=temporal_coef,
-            spatial_coef=spatial_coef)
+            spatial_coef=spatial_coef, num_segments=self.num_groups, one_per_place=self.one_per_place,
+            sort_by_place=self.sort_by_place)
         # timm's module holds the conv weights (so 2-D checkpoints load by name); it is applied as a linear map
         # to the chosen patches only, whose pixels are already laid out (c, p1, p2) like the conv kernel
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim)
-        grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))  # [cls, row-major places]
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.Sequential(*[
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=rate, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        self.blocks = nn.ModuleList([
+            self.make_block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                            proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rate,
+                            norm_layer=partial(nn.LayerNorm, eps=1e-6))
             for rate in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes)
         self._init_weights()
+
+    def make_block(self, **kwargs) -> nn.Module:
+        """One transformer block (keyword arguments as timm's `Block`)."""
+        return Block(**kwargs)
+
+    def run_blocks(self, x: Tensor) -> Tensor:
+        """(B, 1 + K, D) -> (B, 1 + K, D): the class token, then the tokens group-major."""
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def adapt_2d_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A 2-D ViT state dict as this model takes it (the ViT: as it is)."""
+        return state
 
     def _init_weights(self):
         trunc_normal_(self.pos_embed, std=0.02)
@@ -77,7 +105,7 @@ class KCenterViT(nn.Module):
         x = x + F.embedding(s_index + 1, self.pos_embed[0]) + F.embedding(t_index, self.time_embed[0])
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = self.pos_drop(torch.cat([cls, x], dim=1))  # (B, 1 + K, D)
-        x = self.norm(self.blocks(x))
+        x = self.norm(self.run_blocks(x))
         return self.head(self.head_drop(x[:, 0]))
 
     def forward(self, clip: Tensor, start: Tensor | None = None, seeds: Tensor | None = None) -> Tensor:
@@ -96,12 +124,16 @@ class KCenterViT(nn.Module):
 
 
 def build_model(cfg, pixel_std: float = 0.5, load_pretrained: bool = True) -> KCenterViT:
-    """KCenterViT from a `config.ModelConfig`; `pixel_std` is the data normalisation std (sets coordinate scale).
-    `load_pretrained=False` skips `cfg.pretrained` where a checkpoint replaces every weight (resume, eval), so that
-    those need neither the file nor the hub."""
-    model = KCenterViT(
-        num_classes=cfg.num_classes, num_frames=cfg.num_frames, img_size=cfg.img_size, patch_size=cfg.patch_size,
-        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+    """The family `cfg.arch` names (models.ARCHS) from a `config.ModelConfig`; `pixel_std` is the data
+    normalisation std (sets coordinate scale). `load_pretrained=False` skips `cfg.pretrained` where a checkpoint
+    replaces every weight (resume, eval), so that those need neither the file nor the hub."""
+    from . import ARCHS  # the one table of families
+
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"model.arch must be one of {list(ARCHS)}, got {cfg.arch!r}")
+    model = ARCHS[cfg.arch](
+        num_classes=cfg.num_classes, num_segments=cfg.num_segments, num_frames=cfg.num_frames,
+        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
         qkv_bias=cfg.qkv_bias, num_tokens=cfg.num_tokens, num_hybrid_frames=cfg.num_hybrid_frames,
         pixel_std=pixel_std, temporal_coef=cfg.temporal_coef, spatial_coef=cfg.spatial_coef,
         drop_rate=cfg.drop_rate, pos_drop_rate=cfg.pos_drop_rate, attn_drop_rate=cfg.attn_drop_rate,
@@ -119,7 +151,7 @@ def load_pretrained_2d(model: KCenterViT, source: str) -> list[str]:
     original does, so the model starts as the image model, blind to the frame order. Returns the names of the
     model's parameters that were loaded.
     """
-    state = _read_2d_state_dict(source)
+    state = model.adapt_2d_state(_read_2d_state_dict(source))
     own = model.state_dict()
     wanted = {k: v for k, v in state.items() if k in own and not k.startswith("head.")}
     if "pos_embed" in wanted and wanted["pos_embed"].shape != own["pos_embed"].shape:
