@@ -446,7 +446,7 @@ class KCenterTokenSampler(nn.Module):
         flat_index = torch.arange(T * per_frame, device=clip.device).view(T, per_frame)
         chosen = [flat_index[self.hybrid_frames].flatten().expand(B, -1)]  # (B, n*h*w) raster order
         if self.num_kcenter_tokens:
-            R, N = self.num_runs, self.candidates_per_run
+            R = self.num_runs
             pixels = patches[:, self.run_frames].flatten(0, 1).flatten(1, 3)  # (B*R, N, C*p*p), run-major per clip
             coords = self.run_coords.to(pixels.dtype).repeat(B, 1, 1)  # (B*R, N, 3)
             if start is not None:

@@ -27,8 +27,9 @@ def test_paper_configs_load():
     recipes = {name: load_config(f"configs/kcenter_{name}.yaml") for name in
                ("timesformer_kinetics", "timesformer_ssv2", "motionformer_kinetics", "motionformer_ssv2")}
     assert [(c.model.arch, c.model.num_hybrid_frames, c.train.batch_size, c.train.lr, c.train.min_lr)
-            for c in recipes.values()] == [("timesformer", 4, 64, 2.5e-5, 2.5e-7), ("timesformer", 0, 64, 2.5e-5, 2.5e-7),
-                                           ("motionformer", 1, 256, 1e-4, 1e-6), ("motionformer", 0, 256, 1e-4, 1e-6)]
+            for c in recipes.values()] == [
+        ("timesformer", 4, 64, 2.5e-5, 2.5e-7), ("timesformer", 0, 64, 2.5e-5, 2.5e-7),
+        ("motionformer", 1, 256, 1e-4, 1e-6), ("motionformer", 0, 256, 1e-4, 1e-6)]
     assert all((c.model.num_tokens, c.model.num_segments, c.train.epochs) == (1568, 8, 15) for c in recipes.values())
     k400 = load_config("configs/kcenter_vit_kinetics.yaml")
     assert (k400.data.num_frames, k400.model.num_tokens, k400.model.num_hybrid_frames) == (32, 1568, 3)
