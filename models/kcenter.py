@@ -371,7 +371,8 @@ def segment_layout(num_frames: int, num_segments: int, num_hybrid_frames: int) -
     """
     if num_segments == 1:
         hybrid = hybrid_frame_indices(num_frames, num_hybrid_frames)
-        return hybrid, torch.tensor([[t for t in range(num_frames) if t not in set(hybrid.tolist())]])
+        others = [t for t in range(num_frames) if t not in set(hybrid.tolist())]
+        return hybrid, torch.tensor([others], dtype=torch.long)
     length = num_frames // num_segments
     hybrid_segments = torch.linspace(0, num_segments - 1, num_hybrid_frames).long()
     runs = [s for s in range(num_segments) if s not in set(hybrid_segments.tolist())]
