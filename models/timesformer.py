@@ -49,7 +49,7 @@ class DividedSpaceTimeBlock(nn.Module):
         x = x + rearrange(xt, "(b p) g d -> b (g p) d", b=B)
         # spatial: each group with its own copy of the class token
         xs = rearrange(x, "b (g p) d -> (b g) p d", g=groups)
-        xs = torch.cat([cls.repeat_interleave(groups, dim=0), xs], dim=1)  # (B*G, 1 + P, D)
+        xs = torch.cat([cls.expand(-1, groups, -1).reshape(B * groups, 1, -1), xs], dim=1)  # (B*G, 1 + P, D)
         xs = self.drop_path(self.attn(self.norm1(xs)))
         cls_out = xs[:, :1].unflatten(0, (B, groups)).mean(1)  # (B, 1, D): the groups' class outputs averaged
         x = torch.cat([cls, x], dim=1) + torch.cat([cls_out, rearrange(xs[:, 1:], "(b g) p d -> b (g p) d", b=B)], 1)
