@@ -86,9 +86,18 @@ class ModelConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
     pretrained: str = ""  # timm model name (needs the hub) or a local .pth/.safetensors file; empty = random init
+    init_from: str = ""  # a checkpoint of this project to start a new run from (fine-tuning): its weights, a fresh
+    # optimizer, schedule and epoch; the head is replaced when the class count differs
+    init_skip: list[str] = field(default_factory=list)  # with init_from: parameters left at their initialisation,
+    # by name, dotted prefix or pattern (e.g. head, blocks.*.temporal_fc)
 
     def __post_init__(self):
         _check_choice("model.arch", self.arch, ARCHS)
+        if self.init_from and self.pretrained:
+            raise ValueError(f"model.init_from ({self.init_from}) and model.pretrained ({self.pretrained}) are both "
+                             f"set: a run starts from one of them")
+        if self.init_skip and not self.init_from:
+            raise ValueError(f"model.init_skip {self.init_skip} is set without model.init_from")
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes", "num_frames",
                      "num_tokens", "num_segments"):
             _check_positive(f"model.{name}", getattr(self, name))

@@ -8,6 +8,7 @@ project.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
 import pickle
@@ -229,6 +230,37 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
         raise ValueError(f"{path}: its weights do not fit the model of this config ({len(problems)} problems: "
                          f"{'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''})")
     model.load_state_dict(theirs)
+
+
+def init_from_checkpoint(model: torch.nn.Module, ckpt: dict, path: str, skip: list[str]) -> tuple[list, list]:
+    """Fine-tuning: the weights of a checkpoint of this project into `model`, except the parameters `skip` names
+    (a name, a dotted prefix or an fnmatch pattern) and the head when the class count differs. Every other tensor on
+    either side must fit: a missing, unexpected or differently shaped one is an error naming each.
+
+    Returns (loaded names, skipped names)."""
+    own, theirs = model.state_dict(), ckpt["model"]
+
+    def skipped(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") or fnmatch.fnmatchcase(name, s) for s in skip)
+
+    head_differs = "head.weight" in own and "head.weight" in theirs and own["head.weight"].shape != \
+        theirs["head.weight"].shape
+    leave = {k for k in own if skipped(k) or (head_differs and k.startswith("head."))}
+    problems = [f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+                for k, v in own.items() if k not in leave and k in theirs and theirs[k].shape != v.shape]
+    problems += [f"{k}: not in the checkpoint" for k in own if k not in leave and k not in theirs]
+    problems += [f"{k}: in the checkpoint, not in the model" for k in theirs
+                 if k not in own and not skipped(k) and not (head_differs and k.startswith("head."))]
+    if problems:
+        raise ValueError(f"model.init_from {path}: {len(problems)} tensors do not fit this model (leave them at their "
+                         f"initialisation with model.init_skip): {'; '.join(problems[:10])}"
+                         f"{' ...' if len(problems) > 10 else ''}")
+    loaded = [k for k in own if k not in leave]
+    model.load_state_dict({k: theirs[k] for k in loaded}, strict=False)
+    log.info("initialised from %s (epoch %d, step %d): %d tensors loaded, %d left at initialisation%s: %s", path,
+             ckpt["epoch"], ckpt["step"], len(loaded), len(leave),
+             " (the head: the class count differs)" if head_differs else "", sorted(leave)[:10])
+    return loaded, sorted(leave)
 
 
 def resolve_checkpoint(cfg: Config, choice: str | None = None) -> str:

@@ -31,9 +31,9 @@ if __name__ != "__mp_main__":
 
     from models import build_model
     from pipelines import build_loader
-    from runtime import (TRAIN_STARTS, VAL_STARTS, autocast_dtype, kcenter_seeds, load_model_weights,
-                         parse_command_line, read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state, setup_distributed, setup_logging)
+    from runtime import (TRAIN_STARTS, VAL_STARTS, autocast_dtype, init_from_checkpoint, kcenter_seeds,
+                         load_model_weights, parse_command_line, read_checkpoint, resolve_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state, setup_distributed, setup_logging)
     from vis import draw_sampled_patches
 
 log = logging.getLogger("kcenter")
@@ -111,7 +111,11 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)),
-                                 load_pretrained=not ckpt).to(device)  # a resume loads every weight anyway
+                                 load_pretrained=not ckpt)  # a resume loads every weight anyway
+        if cfg.model.init_from and not ckpt:  # fine-tuning: the weights only; optimizer, schedule, epoch start anew
+            init_from_checkpoint(self.model, read_checkpoint(cfg.model.init_from), cfg.model.init_from,
+                                 cfg.model.init_skip)
+        self.model.to(device)
         self.ddp = DistributedDataParallel(self.model) if world > 1 else self.model
         self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr,
                                            betas=cfg.train.betas)

@@ -11,11 +11,11 @@ import pytest
 import timm
 import torch
 
-from config import Config
+from config import Config, ModelConfig
 from eval import check_checkpoint_fits, view_seeds
 from models import KCenterViT
-from runtime import (CHECKPOINT_FORMAT, kcenter_seeds, load_model_weights, parse_command_line, read_checkpoint,
-                     resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from runtime import (CHECKPOINT_FORMAT, init_from_checkpoint, kcenter_seeds, load_model_weights, parse_command_line,
+                     read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(num_classes=5, num_frames=4, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
@@ -172,3 +172,42 @@ def test_a_spawned_worker_rerunning_the_script_imports_no_torch(script):
             "heavy = sorted(m for m in ('torch', 'timm', 'numba', 'models', 'nvidia.dali') if m in sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_init_from_replaces_the_head_when_classes_differ_and_loads_the_rest(tmp_path, caplog):
+    path = tmp_path / "k400.pt"
+    source = tiny_checkpoint(path, model=KCenterViT(**{**TINY, "num_classes": 7}))["model"]
+    model = KCenterViT(**TINY)
+    fresh_head = model.head.weight.clone()
+    with caplog.at_level(logging.INFO, logger="kcenter"):
+        loaded, skipped = init_from_checkpoint(model, read_checkpoint(str(path)), str(path), skip=[])
+    assert skipped == ["head.bias", "head.weight"] and "the class count differs" in caplog.text
+    assert torch.equal(model.head.weight, fresh_head)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], source[k]) for k in loaded) and "blocks.1.attn.qkv.weight" in loaded
+
+
+def test_init_from_names_every_tensor_that_does_not_fit_unless_skipped(tmp_path):
+    from models import KCenterTimeSformer
+
+    path = tmp_path / "vit.pt"
+    tiny_checkpoint(path)
+    ckpt = read_checkpoint(str(path))
+    segmented = dict(TINY, num_tokens=4 * 16, num_segments=4)
+    with pytest.raises(ValueError, match=r"vit.pt: 16 tensors do not fit .*blocks.0.temporal_norm1.weight: not in the "
+                                         r"checkpoint"):
+        init_from_checkpoint(KCenterTimeSformer(**segmented), ckpt, str(path), skip=[])
+    model = KCenterTimeSformer(**segmented)  # a ViT's weights into a TimeSformer, its temporal branch left at init
+    loaded, skipped = init_from_checkpoint(model, ckpt, str(path), skip=["blocks.*.temporal_*"])
+    assert len(skipped) == 16 and "blocks.0.attn.qkv.weight" in loaded
+    wide = KCenterViT(**{**TINY, "num_frames": 8, "num_tokens": 40})
+    with pytest.raises(ValueError, match=r"time_embed: \(1, 4, 48\) in the checkpoint, \(1, 8, 48\) in the model"):
+        init_from_checkpoint(wide, ckpt, str(path), skip=[])
+    init_from_checkpoint(wide, ckpt, str(path), skip=["time_embed"])
+
+
+def test_init_from_settings_are_checked():
+    with pytest.raises(ValueError, match="model.init_from .* and model.pretrained .* are both set"):
+        ModelConfig(init_from="a.pt", pretrained="vit.pth")
+    with pytest.raises(ValueError, match="model.init_skip .* without model.init_from"):
+        ModelConfig(init_skip=["head"])

@@ -168,3 +168,35 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, demo_root):
     result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)], timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert (tmp_path / "ddp" / "ranks_identical").exists()
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_video_checkpoint_starts_at_its_accuracy(tmp_path, demo_root):
+    # A learns the 12 training clips; B starts from A's last.pt (lr so small that its weights stay A's) and its first
+    # validation on the same clips scores what A scored, far above chance (25%); its own step, schedule and epoch
+    # start anew
+    root = tmp_path / "fit"  # the 12 training clips are also the validation split
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / split).symlink_to(os.path.join(demo_root, "train"))
+        (root / "annotations" / f"{split}.csv").write_text(
+            open(os.path.join(demo_root, "annotations", "train.csv")).read())
+    fit = dict(data={"random_flip": False, "train_jitter_scales": [48, 48], "generate_demo": False},
+               model={"embed_dim": 64, "depth": 2, "num_heads": 4},
+               train={"epochs": 60, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "warmup_epochs": 0,
+                      "label_smoothing": 0.0, "save_every_steps": 0, "val_every_epochs": 60})
+    first = write_config(tmp_path, str(root), tmp_path / "a", **fit)
+    assert run(["train.py", "--config", first, "data.test_list="], timeout=900).returncode == 0
+    top1 = [float(line.split("top-1 ")[1].split("%")[0]) for line in (tmp_path / "a" / "train.log").read_text()
+            .splitlines() if "validation: top-1" in line]
+    second = write_config(tmp_path, str(root), tmp_path / "b", **{**fit, "train": {
+        **fit["train"], "epochs": 1, "lr": 1e-9, "min_lr": 1e-10, "val_every_epochs": 1}})
+    result = run(["train.py", "--config", second, "data.test_list=", f"model.init_from={tmp_path / 'a' / 'last.pt'}"],
+                 timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "initialised from" in log and "0 left at initialisation" in log
+    start = float(log.split("validation: top-1 ")[1].split("%")[0])
+    assert top1[-1] >= 75 and abs(start - top1[-1]) <= 100 / 12, (top1, start)
+    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3)
