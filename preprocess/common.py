@@ -1,6 +1,11 @@
 """What both preprocessing scripts share: find the inputs, convert each one in a worker process with a progress
 bar, and keep `DST/manifest.csv` and `DST/failures.txt`.
 
+Across machines: `--shard I/N` converts only the inputs whose output name hashes to shard I (deterministic, the same
+on every machine whatever else SRC holds; sources that would write one output fall in one shard), with its own
+`DST/manifest.shard-I-of-N.csv` and `DST/failures.shard-I-of-N.txt`, so shards can run at the same time into one
+DST. A run without `--shard` (or with `--merge-only`) merges the shards' manifests into `DST/manifest.csv`.
+
 Outputs are atomic: a converter writes into a temporary name (`<final>.tmp-<pid>`) and renames it to the final
 name only once ffmpeg succeeded and the result was checked, so a final name that exists is a complete output
 and a kill at any moment leaves at most a temporary, which the next run removes. Temporary names never end in
@@ -8,6 +13,7 @@ a video extension, so `find_videos` on DST does not pick them up. One run at a t
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -18,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -112,8 +119,9 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f"{final.name}.tmp-{os.getpid()}")
 
 
-def remove_stale_temps(folders: Iterable[Path]) -> None:
-    """Delete the temporaries a killed run left in `folders` (not recursive).
+def remove_stale_temps(folders: Iterable[Path], owned: set[Path] | None = None) -> None:
+    """Delete the temporaries a killed run left in `folders` (not recursive); with `owned`, only those of these
+    final paths (a shard leaves the temporaries of the shards running beside it alone).
 
     Errors are ignored: an ffmpeg orphaned by a killed run may still be writing one, and a temporary left
     behind is harmless (it never has a final name).
@@ -123,6 +131,8 @@ def remove_stale_temps(folders: Iterable[Path]) -> None:
             continue
         for entry in os.scandir(folder):
             if not _TEMP_NAME.search(entry.name):
+                continue
+            if owned is not None and Path(folder, _TEMP_NAME.sub("", entry.name)) not in owned:
                 continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -313,11 +323,78 @@ def scale_to_short_side(short_side: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- runner
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N) with 0 <= I < N (argparse type of --shard)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"--shard must be I/N with 0 <= I < N (e.g. 0/8 ... 7/8), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard", type=parse_shard, metavar="I/N",
+                        help="convert only shard I of N (0 <= I < N; e.g. one per node or per job of an array, at the "
+                             "same time into one DST), with its own manifest and failure list; a run without "
+                             "--shard merges them into DST/manifest.csv")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="convert nothing: merge the shards' manifests into DST/manifest.csv and their failure "
+                             "lists into DST/failures.txt")
+
+
+def shard_of(output: str, num_shards: int) -> int:
+    """The shard of an output name: a fixed hash, the same on every machine and whatever else SRC holds."""
+    return zlib.crc32(output.encode()) % num_shards
+
+
+def shard_files(dst: Path, shard: tuple[int, int] | None) -> tuple[Path, Path]:
+    """(manifest, failure list) of a shard, or DST's own without one."""
+    if shard is None:
+        return dst / MANIFEST_NAME, dst / FAILURES_NAME
+    i, n = shard
+    return dst / f"manifest.shard-{i}-of-{n}.csv", dst / f"failures.shard-{i}-of-{n}.txt"
+
+
+def _shard_manifests(dst: Path) -> list[Path]:
+    return sorted(dst.glob("manifest.shard-*-of-*.csv"))
+
+
+def merge_shards(converter: Converter, dst: Path) -> int:
+    """--merge-only: the shards' manifest rows (of outputs still complete) into DST/manifest.csv, their failure lists
+    into DST/failures.txt; the shard files are removed once merged. Returns 1 if a shard listed failures."""
+    rows = _merged_rows(converter, dst)
+    failed = [line for path in sorted(dst.glob("failures.shard-*-of-*.txt")) for line in path.read_text().splitlines()]
+    write_manifest(dst / MANIFEST_NAME, rows.values())
+    failure_path = dst / FAILURES_NAME
+    if failed:
+        atomic_write_text(failure_path, "\n".join(failed) + "\n")
+    else:
+        failure_path.unlink(missing_ok=True)
+    _remove_shard_files(dst)
+    print(f"merge: {len(rows)} outputs in {dst / MANIFEST_NAME}, {len(failed)} failed"
+          + (f" (listed in {failure_path})" if failed else ""))
+    return 1 if failed else 0
+
+
+def _merged_rows(converter: Converter, dst: Path) -> dict[str, ManifestRow]:
+    """DST/manifest.csv and every shard manifest, keeping the rows whose output is complete."""
+    rows = {}
+    for path in [dst / MANIFEST_NAME, *_shard_manifests(dst)]:
+        rows.update(read_manifest(path))
+    return {path: row for path, row in rows.items() if converter.is_complete(dst / path)}
+
+
+def _remove_shard_files(dst: Path) -> None:
+    for path in [*_shard_manifests(dst), *dst.glob("failures.shard-*-of-*.txt")]:
+        path.unlink(missing_ok=True)
+
+
 def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, desc: str,
-              settings: dict) -> int:
+              settings: dict, shard: tuple[int, int] | None = None) -> int:
     """Convert every task not complete yet, in `workers` processes, and keep the manifest and failure list.
 
     `settings` are the options that shape the outputs (JSON values), checked against `DST/settings.json`.
+    With `shard` (I, N), only the tasks of shard I, with the shard's own manifest and failure list; without, the
+    shards' manifests are merged into DST's (and removed).
     Prints a summary; returns the exit status: 1 if any task failed, 2 if the settings differ from the ones DST
     was written with, 130 on Ctrl-C, else 0.
     """
@@ -327,11 +404,17 @@ def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, 
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks})
-    manifest_path = dst / MANIFEST_NAME
-    # Entries of outputs deleted since are dropped; complete outputs the manifest lacks are described again.
-    rows = {path: row for path, row in read_manifest(manifest_path).items() if converter.is_complete(dst / path)}
-    failures = FailureLog(dst / FAILURES_NAME)
+    manifest_path, failure_path = shard_files(dst, shard)
+    if shard is not None:
+        tasks = [task for task in tasks if shard_of(task.output, shard[1]) == shard[0]]
+        owned = {dst / task.output for task in tasks} | {manifest_path, failure_path}
+        remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks}, owned=owned)
+        # Entries of outputs deleted since are dropped; complete outputs the manifest lacks are described again.
+        rows = {path: row for path, row in read_manifest(manifest_path).items() if converter.is_complete(dst / path)}
+    else:
+        remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks})
+        rows = _merged_rows(converter, dst)
+    failures = FailureLog(failure_path)
     counts = Counter()
     pending, conflicts = _plan(converter, tasks, rows, dst)
     counts["skipped"] = len(tasks) - len(pending) - len(conflicts)
@@ -354,6 +437,8 @@ def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, 
     finally:  # what finished is kept, also on Ctrl-C
         write_manifest(manifest_path, rows.values())
         failures.close()
+    if shard is None and not interrupted:  # merged: this run retried what the shards failed on
+        _remove_shard_files(dst)
     print(f"{desc}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
           + (f" (listed in {failures.path})" if counts["failed"] else "")
           + ("; interrupted, run again to resume" if interrupted else ""))

@@ -156,7 +156,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bframes", type=int, default=DEFAULT_BFRAMES,
                         help=f"x264 B-frames between references (default {DEFAULT_BFRAMES})")
     parser.add_argument("--keep-audio", action="store_true", help="keep the first audio track, as AAC")
+    common.add_shard_arguments(parser)
     args = parser.parse_args(argv)
+    if args.shard and args.merge_only:
+        parser.error("--merge-only merges the shards: give it no --shard")
     if not args.src.is_dir():
         parser.error(f"SRC is not a folder: {args.src}")
     if args.src.resolve() == args.dst.resolve():
@@ -181,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     if not sources:
         print(f"warning: no video files under {args.src}", file=sys.stderr)
     tasks = [common.Task(source, output_name(source)) for source in sources]
-    return common.run_tasks(Mp4Resizer(args.src, args.dst, settings), tasks, args.dst, args.workers, desc="resize",
-                            settings=settings.output_settings())
+    converter = Mp4Resizer(args.src, args.dst, settings)
+    if args.merge_only:
+        return common.merge_shards(converter, args.dst)
+    return common.run_tasks(converter, tasks, args.dst, args.workers, desc="resize",
+                            settings=settings.output_settings(), shard=args.shard)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="JPEG quality as ffmpeg's -q:v, 2 (best) to 31 (smallest) (default 2)")
     parser.add_argument("--short-side", type=int, default=None,
                         help="resize the short side to this many pixels, aspect kept (default: keep the size)")
+    common.add_shard_arguments(parser)
     args = parser.parse_args(argv)
+    if args.shard and args.merge_only:
+        parser.error("--merge-only merges the shards: give it no --shard")
     if not args.src.is_dir():
         parser.error(f"SRC is not a folder: {args.src}")
     if args.src.resolve() == args.dst.resolve():
@@ -127,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: no video files in {args.src}", file=sys.stderr)
     tasks = [common.Task(source, PurePosixPath(source).stem) for source in sources]
     extractor = FrameExtractor(args.src, args.dst, args.quality, args.short_side, args.threads)
+    if args.merge_only:
+        return common.merge_shards(extractor, args.dst)
     return common.run_tasks(extractor, tasks, args.dst, args.workers, desc="frames",
-                            settings={"quality": args.quality, "short_side": args.short_side})
+                            settings={"quality": args.quality, "short_side": args.short_side}, shard=args.shard)
 
 
 if __name__ == "__main__":

@@ -456,3 +456,41 @@ def test_manifest_round_trip_is_sorted_and_atomic(tmp_path):
     (tmp_path / "bad.csv").write_text("file,frames\n")
     with pytest.raises(ValueError, match="bad.csv"):
         common.read_manifest(tmp_path / "bad.csv")
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("script,merge", [("resize_kinetics", "--merge-only"), ("ssv2_to_frames", "--merge-only"),
+                                          ("resize_kinetics", "a run without --shard")])
+def test_two_shards_at_once_then_a_merge_equal_one_unsharded_run(tmp_path, kinetics, ssv2, script, merge):
+    src, reference, _ = kinetics if script == "resize_kinetics" else ssv2
+    dst = tmp_path / "dst"
+    command = [sys.executable, str(REPO / "preprocess" / f"{script}.py"), str(src), str(dst), "--workers", "1"]
+    shards = [subprocess.Popen([*command, "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for i in range(2)]  # at the same time, into one DST
+    outputs = [proc.communicate(timeout=600)[0] for proc in shards]
+    assert [proc.returncode for proc in shards] != [0, 0] or not (reference / "failures.txt").exists(), outputs
+    manifests = [common.read_manifest(dst / f"manifest.shard-{i}-of-2.csv") for i in range(2)]
+    assert manifests[0] and manifests[1] and not set(manifests[0]) & set(manifests[1])  # each its own outputs
+    assert not (dst / "manifest.csv").exists()
+    extra = ["--merge-only"] if merge == "--merge-only" else []  # the plain run skips what the shards converted
+    merged = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=600)
+    assert merged.returncode == (1 if (reference / "failures.txt").exists() else 0), merged.stdout + merged.stderr
+    if not extra:
+        assert " 0 done, " in merged.stdout, merged.stdout
+    ours, theirs = tree_files(dst), tree_files(reference)
+    failures = [set(files.pop("failures.txt", b"").decode().splitlines()) for files in (ours, theirs)]
+    assert failures[0] == failures[1]
+    assert ours.keys() == theirs.keys()  # no shard files left, every output there
+    differ = [name for name in ours if ours[name] != theirs[name]]
+    assert not differ, differ[:5]  # outputs, manifest and settings byte for byte
+
+
+def test_shard_arguments_are_checked(tmp_path, capsys):
+    for bad in (["--shard", "2/2"], ["--shard", "1"], ["--shard", "0/2", "--merge-only"]):
+        with pytest.raises(SystemExit) as exit_:
+            resize_kinetics.main([str(tmp_path), str(tmp_path / "dst"), *bad])
+        assert exit_.value.code == 2
+    assert "--shard must be I/N with 0 <= I < N" in capsys.readouterr().err
