@@ -1,0 +1,165 @@
+"""Classify videos as they come, with a checkpoint of this project and the multi-view protocol of eval.py.
+
+    python predict.py --checkpoint runs/k400/last.pt clip.mp4 more_clips/ [--json out.json] [--save-patches DIR]
+
+Any container, codec, size or frame rate PyAV (FFmpeg) reads; no preprocessing, nothing written next to the inputs.
+The checkpoint brings its own config (clip protocol, views, ensemble) and class names, so no annotation file is
+needed. Each video gets `eval.num_clips` temporal clips x `eval.num_crops` crops (Kinetics-trained checkpoints;
+one clip of uniform segments for SSv2), resized so the short side is the crop size, combined by the model family's
+ensemble; printed as a top-5 table. A video that cannot be read is reported by name, the others are still
+classified, and the exit status is 1 at the end.
+
+Probabilities are the softmax of the combined view scores: of the mean logit (sum_logits), the mean of the views'
+softmax (mean_softmax) or of the largest logit (max); they rank the classes as the ensemble does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import config_from_dict
+from models import build_model
+from pipelines import sampling
+from pipelines.decode import decode_frames, probe_video
+from preprocess.common import find_videos
+from runtime import TEST_STARTS, kcenter_seeds, load_model_weights, read_checkpoint, write_atomic
+from vis import draw_sampled_patches, save_png
+
+log = logging.getLogger("kcenter")
+
+
+def video_paths(inputs: list[str]) -> list[str]:
+    """Files as given; folders searched recursively for video files (sorted)."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = find_videos(Path(item))
+            if not found:
+                log.warning("no video files under %s", item)
+            paths += [os.path.join(item, name) for name in found]
+        else:
+            paths.append(item)
+    return paths
+
+
+def frame_indices(cfg, num_frames: int, fps: float) -> np.ndarray:
+    """(clips * T,) frame indices, clip-major, as eval.py's test views take them."""
+    if cfg.data.dataset == "ssv2":
+        return sampling.ssv2_frame_indices(num_frames, cfg.data.num_frames, None)
+    return np.concatenate([sampling.kinetics_frame_indices(num_frames, fps, cfg.data.num_frames,
+                                                           cfg.data.sampling_rate, cfg.data.target_fps, position)
+                           for position in sampling.kinetics_positions("test", None, cfg.eval.num_clips)])
+
+
+def test_views(frames: np.ndarray, cfg, device: torch.device) -> torch.Tensor:
+    """(clips*T, H, W, 3) uint8 -> (V, C, T, S, S) normalised views: short side resized to S (bilinear, no
+    antialiasing, as the pipelines), crops at the start, centre and end of the long side (or the centre)."""
+    size, T = cfg.data.crop_size, cfg.data.num_frames
+    clip = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
+    H, W = clip.shape[-2:]
+    scale = size / min(H, W)
+    clip = F.interpolate(clip, size=(max(size, round(H * scale)), max(size, round(W * scale))), mode="bilinear",
+                         align_corners=False, antialias=False)
+    H, W = clip.shape[-2:]
+    positions = (0.0, 0.5, 1.0) if cfg.eval.num_crops == 3 else (0.5,)
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1) * 255
+    views = []
+    for c in range(len(frames) // T):
+        for p in positions:
+            y, x = round(p * (H - size)), round(p * (W - size))
+            crop = (clip[c * T:(c + 1) * T, :, y:y + size, x:x + size] - mean) / std  # (T, 3, S, S)
+            views.append(crop.permute(1, 0, 2, 3))
+    return torch.stack(views)  # clip-major, like the test pipeline
+
+
+def combine(logits: torch.Tensor, ensemble: str) -> torch.Tensor:
+    """(V, K) view logits -> (K,) class probabilities, ranked as the ensemble ranks them."""
+    if ensemble == "mean_softmax":
+        return logits.softmax(-1).mean(0)
+    if ensemble == "max":
+        return logits.amax(0).softmax(-1)
+    return logits.mean(0).softmax(-1)  # sum_logits: the mean ranks alike
+
+
+@torch.no_grad()
+def predict_video(model, cfg, path: str, device: torch.device, ensemble: str):
+    """(probabilities (K,), views, seeds) of one video; raises with the reason when it cannot be read."""
+    info = probe_video(path)
+    frames = decode_frames(path, frame_indices(cfg, info.num_frames, info.fps), info.num_frames)
+    views = test_views(frames, cfg, device)
+    # the K-center starts of each view as eval.py's for one video: a function of (seed, view)
+    seeds = kcenter_seeds(cfg.train.seed, TEST_STARTS, torch.arange(len(views)), torch.zeros(len(views),
+                                                                                             dtype=torch.long))
+    return combine(model(views, seeds=seeds).float(), ensemble).cpu(), views, seeds
+
+
+def print_table(path: str, probs: torch.Tensor, class_names: list[str], top: int = 5) -> list[dict]:
+    values, classes = probs.topk(min(top, len(probs)))
+    rows = [{"class": class_names[c], "index": int(c), "probability": float(v)} for v, c in zip(values, classes)]
+    width = max(len(r["class"]) for r in rows)
+    tqdm.write(f"\n{path}")
+    for rank, row in enumerate(rows, 1):
+        tqdm.write(f"  {rank}. {row['class']:<{width}}  {100 * row['probability']:6.2f}%")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (last.pt, best.pt)")
+    parser.add_argument("videos", nargs="+", help="video files or folders of them")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    parser.add_argument("--json", metavar="FILE", help="write the top-5 of every video (and the failures) here")
+    parser.add_argument("--save-patches", metavar="DIR", help="a PNG of the patches K-center keeps, per video")
+    parser.add_argument("--top", type=int, default=5, help="classes listed per video (default 5)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+
+    ckpt = read_checkpoint(args.checkpoint)
+    cfg = config_from_dict(ckpt["config"], source=args.checkpoint)
+    class_names = ckpt.get("class_names")
+    if not class_names:
+        sys.exit(f"error: {args.checkpoint} holds no class names (written before they were stored); test it with "
+                 f"eval.py and the run's config instead")
+    device = torch.device(args.device)
+    model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)), load_pretrained=False)
+    load_model_weights(model, ckpt, args.checkpoint)
+    model.to(device).eval()
+    ensemble = cfg.eval.ensemble or model.test_ensemble
+
+    paths = video_paths(args.videos)
+    results, failed = {}, {}
+    for path in tqdm(paths, desc="predict", unit="video", disable=len(paths) < 2):
+        try:
+            probs, views, seeds = predict_video(model, cfg, path, device, ensemble)
+        except Exception as e:  # any unreadable input: named, and the others still classified
+            failed[path] = f"{type(e).__name__}: {e}"
+            tqdm.write(f"\n{path}\n  cannot be read: {failed[path]}", file=sys.stderr)
+            continue
+        results[path] = print_table(path, probs, class_names, args.top)
+        if args.save_patches:
+            centre = len(views) // cfg.eval.num_clips // 2  # the centre crop of the first clip
+            _, t_index, s_index = model.select_tokens(views[centre:centre + 1], seeds=seeds[centre:centre + 1])
+            image = draw_sampled_patches(views[centre], t_index[0], s_index[0], cfg.model.patch_size, cfg.data.mean,
+                                         cfg.data.std, model.sampler.hybrid_frames.tolist())
+            save_png(image, os.path.join(args.save_patches, Path(path).stem + ".png"))
+    if args.json:
+        write_atomic(args.json, json.dumps({"checkpoint": os.path.abspath(args.checkpoint), "ensemble": ensemble,
+                                            "views": {"clips": cfg.eval.num_clips, "crops": cfg.eval.num_crops},
+                                            "predictions": results, "failed": failed}, indent=2))
+    if failed:
+        print(f"{len(failed)} of {len(paths)} videos could not be read: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or not paths else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
