@@ -22,7 +22,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,8 @@ from config import DataConfig  # noqa: E402
 from pipelines import build_loader  # noqa: E402
 
 WIDTH, HEIGHT, FPS, SECONDS = 340, 256, 30, 10
-ENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-g", "30", "-pix_fmt", "yuv420p"]
+# x264 through PyAV's own FFmpeg (no ffmpeg binary needed: GPU machines may have only the wheels)
+ENCODE = {"preset": "veryfast", "crf": "23", "g": "30"}
 
 
 def make_videos(work: Path, count: int) -> Path:
@@ -53,17 +53,18 @@ def make_videos(work: Path, count: int) -> Path:
             continue
         texture = rng.integers(0, 256, size=(HEIGHT * 2, WIDTH * 2, 3), dtype=np.uint8)
         y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
-        command = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-                   "-s", f"{WIDTH}x{HEIGHT}", "-r", str(FPS), "-i", "-", *ENCODE, str(path)]
-        process = subprocess.Popen(command, stdin=subprocess.PIPE)
-        for n in range(FPS * SECONDS):  # a panning texture with a moving gradient
-            dx, dy = (3 * n + 7 * i) % WIDTH, (2 * n) % HEIGHT
-            frame = texture[dy:dy + HEIGHT, dx:dx + WIDTH].astype(np.int16) // 2
-            frame += (((x + 4 * n) % 256) // 2).astype(np.int16)[..., None]
-            process.stdin.write(frame.clip(0, 255).astype(np.uint8).tobytes())
-        process.stdin.close()
-        if process.wait():
-            raise RuntimeError(f"ffmpeg failed on {path}")
+        tmp = path.with_name(path.name + ".tmp")
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=FPS, options=ENCODE)
+            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+            for n in range(FPS * SECONDS):  # a panning texture with a moving gradient
+                dx, dy = (3 * n + 7 * i) % WIDTH, (2 * n) % HEIGHT
+                frame = texture[dy:dy + HEIGHT, dx:dx + WIDTH].astype(np.int16) // 2
+                frame += (((x + 4 * n) % 256) // 2).astype(np.int16)[..., None]
+                image = av.VideoFrame.from_ndarray(frame.clip(0, 255).astype(np.uint8), format="rgb24")
+                container.mux(stream.encode(image))
+            container.mux(stream.encode())
+        os.replace(tmp, path)
     (work / "train.csv").write_text("\n".join(rows) + "\n")
     return work
 
