@@ -1,7 +1,13 @@
-"""Training clips per second: the DALI pipeline (pipelines.build_loader) against the original code's approach, a
-torch DataLoader whose workers decode with PyAV and augment with torch, on the same videos and clip spec.
+"""Training clips per second: the DALI pipeline (pipelines.build_loader) against the loaders a user would pick
+instead, on the same videos and clip spec, side by side in one run:
+- pyav_dataloader: the original code's approach, PyAV decoding (and converting) every frame of the clip's span in
+  DataLoader workers, augmentation in torch;
+- torchcodec_dataloader, decord_dataloader: the exact frames of the clip by index, as those libraries' docs show,
+  the same torch augmentation; torchcodec_cuda (`--device gpu`): its NVDEC decoder, the augmentation on the GPU;
+- decode_floor: decoding alone of the frames a clip needs (from the keyframe at or before its first frame to its
+  last; no conversion, no augmentation): how close each loader comes to what decoding allows.
 
-Both load the Kinetics training protocol: a random clip of `--num-frames` frames at `--sampling-rate`, inverse-
+All load the Kinetics training protocol: a random clip of `--num-frames` frames at `--sampling-rate`, inverse-
 uniform short-side jitter in [256, 320], random 224 crop, flip, colour jitter, normalisation, batches of
 `--batch-size`, with `--workers` decoding processes each. In each of `--rounds` alternating rounds a fresh
 loader is timed from batch `--warmup` (start-up, worker spawn and prefetched batches are not counted) until
@@ -70,10 +76,12 @@ def make_videos(work: Path, count: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Baseline: the original code's approach (PyAV in DataLoader workers, torch augmentation), restated compactly
+# The loaders a user would write instead, each as a torch DataLoader with the same augmentation
 
 
-class PyAVClips(torch.utils.data.Dataset):
+class TorchClips(torch.utils.data.Dataset):
+    """A clip of each video, augmented in torch as the original code does; subclasses decode."""
+
     def __init__(self, paths: list[str], cfg: DataConfig):
         self.paths, self.cfg = paths, cfg
 
@@ -81,26 +89,46 @@ class PyAVClips(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        cfg = self.cfg
-        frames = self._decode_clip(self.paths[index])  # (T, H, W, C) uint8
-        x = (frames.float() / 255 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
-        x = x.permute(0, 3, 1, 2)  # (T, C, H, W)
-        lo, hi = cfg.train_jitter_scales
-        size = round(1.0 / random.uniform(1.0 / hi, 1.0 / lo))
-        h, w = x.shape[-2:]
-        new_h, new_w = (size, math.floor(w / h * size)) if h <= w else (math.floor(h / w * size), size)
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
-        top, left = random.randint(0, new_h - cfg.crop_size), random.randint(0, new_w - cfg.crop_size)
-        x = x[..., top:top + cfg.crop_size, left:left + cfg.crop_size]
-        if random.random() < 0.5:
-            x = x.flip(-1)
-        if random.random() >= 0.2:  # colour jitter on the normalised values, as the original
-            b, c, s = (1 + random.uniform(-0.4, 0.4) for _ in range(3))
-            gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-            x = b * (c * (s * x + (1 - s) * gray) + (1 - c) * gray.mean(dim=(1, 2, 3), keepdim=True))
-        return x.permute(1, 0, 2, 3).contiguous(), index  # (C, T, H, W)
+        return augment(self.decode(self.paths[index]), self.cfg), index
 
-    def _decode_clip(self, path):
+    def decode(self, path: str) -> torch.Tensor:
+        """(T, H, W, C) uint8 frames of a random clip."""
+        raise NotImplementedError
+
+    def clip_indices(self, num_frames: int, fps: float) -> np.ndarray:
+        """The original's temporal sampling: a random start, T indices over the span, clamped to the video."""
+        cfg = self.cfg
+        clip_size = cfg.sampling_rate * cfg.num_frames / cfg.target_fps * fps
+        start = random.uniform(0, max(num_frames - clip_size, 0))
+        return np.clip(np.linspace(start, start + clip_size - 1, cfg.num_frames), 0, num_frames - 1).astype(np.int64)
+
+
+def augment(frames: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """(T, H, W, C) uint8 -> (C, T, S, S) float: normalise, inverse-uniform short-side jitter, random crop, flip,
+    colour jitter (on the normalised values, as the original)."""
+    x = (frames.float() / 255 - torch.tensor(cfg.mean, device=frames.device)) / torch.tensor(cfg.std,
+                                                                                               device=frames.device)
+    x = x.permute(0, 3, 1, 2)  # (T, C, H, W)
+    lo, hi = cfg.train_jitter_scales
+    size = round(1.0 / random.uniform(1.0 / hi, 1.0 / lo))
+    h, w = x.shape[-2:]
+    new_h, new_w = (size, math.floor(w / h * size)) if h <= w else (math.floor(h / w * size), size)
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    top, left = random.randint(0, new_h - cfg.crop_size), random.randint(0, new_w - cfg.crop_size)
+    x = x[..., top:top + cfg.crop_size, left:left + cfg.crop_size]
+    if random.random() < 0.5:
+        x = x.flip(-1)
+    if random.random() >= 0.2:
+        b, c, s = (1 + random.uniform(-0.4, 0.4) for _ in range(3))
+        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+        x = b * (c * (s * x + (1 - s) * gray) + (1 - c) * gray.mean(dim=(1, 2, 3), keepdim=True))
+    return x.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
+
+
+class PyAVClips(TorchClips):
+    """The original code's approach: PyAV decodes (and converts to RGB) every frame of the clip's span."""
+
+    def decode(self, path):
         cfg = self.cfg
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -121,13 +149,71 @@ class PyAVClips(torch.utils.data.Dataset):
         return torch.from_numpy(np.stack([frames[i] for i in index]))
 
 
-def baseline_batches(paths, cfg, batch_size, workers, device):
-    loader = torch.utils.data.DataLoader(PyAVClips(paths, cfg), batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, persistent_workers=workers > 0, drop_last=True,
+class TorchCodecClips(TorchClips):
+    """torchcodec as its docs show it: the exact frames of the clip, decoded by index."""
+
+    def decode(self, path):
+        from torchcodec.decoders import VideoDecoder
+        decoder = VideoDecoder(path, num_ffmpeg_threads=1)
+        meta = decoder.metadata
+        indices = self.clip_indices(meta.num_frames, meta.average_fps)
+        return decoder.get_frames_at(indices.tolist()).data.permute(0, 2, 3, 1)  # (T, C, H, W) -> (T, H, W, C)
+
+
+class DecordClips(TorchClips):
+    """decord's reader (the maintained eva-decord build): the exact frames, as a batch."""
+
+    def decode(self, path):
+        import decord
+        reader = decord.VideoReader(path, num_threads=1)
+        indices = self.clip_indices(len(reader), reader.get_avg_fps())
+        return torch.from_numpy(reader.get_batch(indices.tolist()).asnumpy())
+
+
+class DecodeOnly(TorchClips):
+    """The floor: decoding alone of the frames a clip needs (from the keyframe at or before its first frame to its
+    last), no RGB conversion, no augmentation (FFmpeg through PyAV, one thread)."""
+
+    def __getitem__(self, index):
+        return torch.zeros(1), self.decode(self.paths[index])
+
+    def decode(self, path):
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            n, fps = stream.frames, float(stream.average_rate)
+            indices = self.clip_indices(n, fps)
+            per_frame = stream.duration / n
+            first, last = int(indices[0] * per_frame), int(indices[-1] * per_frame)
+            container.seek(first, any_frame=False, backward=True, stream=stream)
+            decoded = 0
+            for frame in container.decode(stream):
+                decoded += 1
+                if frame.pts >= last:
+                    break
+        return decoded
+
+
+def dataloader_batches(dataset, batch_size, workers, device):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         persistent_workers=workers > 0, drop_last=True,
                                          pin_memory=device.type == "cuda")
     while True:
         for clips, _ in loader:
             yield clips.to(device, non_blocking=True)
+
+
+def torchcodec_cuda_batches(paths, cfg, batch_size, device):
+    """torchcodec's CUDA decoder (NVDEC) in the main process, the same augmentation in torch on the GPU."""
+    from torchcodec.decoders import VideoDecoder
+    dataset = TorchClips(paths, cfg)
+    while True:
+        clips = []
+        for path in random.sample(paths, batch_size):
+            decoder = VideoDecoder(path, device=str(device))
+            indices = dataset.clip_indices(decoder.metadata.num_frames, decoder.metadata.average_fps)
+            frames = decoder.get_frames_at(indices.tolist()).data.permute(0, 2, 3, 1)
+            clips.append(augment(frames, cfg))
+        yield torch.stack(clips)
 
 
 def pipeline_batches(cfg, batch_size, device):
@@ -171,8 +257,14 @@ def main(argv=None) -> int:
                      num_threads=args.threads, py_workers=args.workers)
     device = torch.device("cuda", 0) if args.device == "gpu" else torch.device("cpu")
     paths = sorted(str(p) for p in (root / "train").glob("*.mp4"))
-    loaders = {"pyav_dataloader": lambda: baseline_batches(paths, cfg, args.batch_size, args.workers, device),
-               "dali_pipeline": lambda: pipeline_batches(cfg, args.batch_size, device)}
+    def torch_loader(cls):
+        return lambda: dataloader_batches(cls(paths, cfg), args.batch_size, args.workers, device)
+
+    loaders = {"pyav_dataloader": torch_loader(PyAVClips), "torchcodec_dataloader": torch_loader(TorchCodecClips),
+               "decord_dataloader": torch_loader(DecordClips), "dali_pipeline": lambda: pipeline_batches(
+                   cfg, args.batch_size, device), "decode_floor": torch_loader(DecodeOnly)}
+    if device.type == "cuda":
+        loaders["torchcodec_cuda"] = lambda: torchcodec_cuda_batches(paths, cfg, args.batch_size, device)
     rates = {name: [] for name in loaders}
     for _ in range(args.rounds):  # alternate, so that load from other processes hits both alike
         for name, make in loaders.items():
@@ -187,6 +279,9 @@ def main(argv=None) -> int:
         workers=args.workers, threads=args.threads, cpus=os.cpu_count(),
         **{name: round(value, 2) for name, value in median.items()},
         speedup=round(median["dali_pipeline"] / median["pyav_dataloader"], 2),
+        vs_best_peer=round(median["dali_pipeline"] / max(v for k, v in median.items()
+                                                         if k not in ("dali_pipeline", "decode_floor")), 2),
+        vs_decode_floor=round(median["dali_pipeline"] / median["decode_floor"], 2),
         rounds={name: [round(v, 2) for v in values] for name, values in rates.items()})))
     return 0
 

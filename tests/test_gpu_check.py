@@ -1,5 +1,6 @@
 """bench/gpu_check.py as far as a machine without a GPU allows: the no-GPU exit, arguments, the environment report,
 a check that raises, and the summary on recorded figures. Its GPU checks run where there is one."""
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,16 @@ def test_the_frame_comparison_on_the_cpu_pipeline(tmp_path, monkeypatch):
     work = gpu_check.make_videos(tmp_path / "videos", 2)
     check = gpu_check.check_nvdec_against_pyav(work, device="cpu")
     assert check.status == gpu_check.PASS and check.figures["max_abs_diff"] < 1.0, check
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_runs_every_loader(tmp_path, monkeypatch, capsys):
+    # a tiny run of bench/bench_pipeline.py (the peers' loaders, the decode floor, DALI): it keeps working
+    from bench import bench_pipeline
+    monkeypatch.setattr(bench_pipeline, "SECONDS", 2)
+    assert bench_pipeline.main(["--work", str(tmp_path), "--videos", "4", "--batches", "1", "--warmup", "0",
+                                "--rounds", "1", "--num-frames", "8", "--sampling-rate", "2", "--crop", "112"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("pyav_dataloader", "torchcodec_dataloader", "decord_dataloader", "dali_pipeline", "decode_floor"):
+        assert report[name] > 0, name
+    assert report["vs_best_peer"] > 0 and report["vs_decode_floor"] > 0
