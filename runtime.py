@@ -219,17 +219,27 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def _misfits(own: dict, theirs: dict, leave: set[str] = frozenset()) -> list[str]:
+    """Every tensor that does not fit between a model's state dict and a checkpoint's, except the names `leave`."""
+    problems = [f"{k}: not in the checkpoint" for k in own if k not in leave and k not in theirs]
+    problems += [f"{k}: in the checkpoint, not in the model" for k in theirs if k not in leave and k not in own]
+    problems += [f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+                 for k, v in own.items() if k not in leave and k in theirs
+                 and (not isinstance(theirs[k], torch.Tensor) or theirs[k].shape != v.shape)]
+    return problems
+
+
+def _listed(problems: list[str], most: int) -> str:
+    return "; ".join(problems[:most]) + (" ..." if len(problems) > most else "")
+
+
 def load_model_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
     """The checkpoint's weights into `model`, or an error naming the file and every tensor that does not fit."""
-    own, theirs = model.state_dict(), ckpt["model"]
-    problems = [f"missing {k}" for k in own if k not in theirs]
-    problems += [f"unexpected {k}" for k in theirs if k not in own]
-    problems += [f"{k}: {tuple(theirs[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
-                 if k in theirs and (not isinstance(theirs[k], torch.Tensor) or theirs[k].shape != v.shape)]
+    problems = _misfits(model.state_dict(), ckpt["model"])
     if problems:
         raise ValueError(f"{path}: its weights do not fit the model of this config ({len(problems)} problems: "
-                         f"{'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''})")
-    model.load_state_dict(theirs)
+                         f"{_listed(problems, 8)})")
+    model.load_state_dict(ckpt["model"])
 
 
 def init_from_checkpoint(model: torch.nn.Module, ckpt: dict, path: str, skip: list[str]) -> tuple[list, list]:
@@ -239,28 +249,22 @@ def init_from_checkpoint(model: torch.nn.Module, ckpt: dict, path: str, skip: li
 
     Returns (loaded names, skipped names)."""
     own, theirs = model.state_dict(), ckpt["model"]
-
-    def skipped(name: str) -> bool:
-        return any(name == s or name.startswith(s + ".") or fnmatch.fnmatchcase(name, s) for s in skip)
-
     head_differs = "head.weight" in own and "head.weight" in theirs and own["head.weight"].shape != \
         theirs["head.weight"].shape
-    leave = {k for k in own if skipped(k) or (head_differs and k.startswith("head."))}
-    problems = [f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
-                for k, v in own.items() if k not in leave and k in theirs and theirs[k].shape != v.shape]
-    problems += [f"{k}: not in the checkpoint" for k in own if k not in leave and k not in theirs]
-    problems += [f"{k}: in the checkpoint, not in the model" for k in theirs
-                 if k not in own and not skipped(k) and not (head_differs and k.startswith("head."))]
+    leave = {k for k in own.keys() | theirs.keys()
+             if any(k == s or k.startswith(s + ".") or fnmatch.fnmatchcase(k, s) for s in skip)
+             or (head_differs and k.startswith("head."))}
+    problems = _misfits(own, theirs, leave)
     if problems:
         raise ValueError(f"model.init_from {path}: {len(problems)} tensors do not fit this model (leave them at their "
-                         f"initialisation with model.init_skip): {'; '.join(problems[:10])}"
-                         f"{' ...' if len(problems) > 10 else ''}")
+                         f"initialisation with model.init_skip): {_listed(problems, 10)}")
     loaded = [k for k in own if k not in leave]
+    left = sorted(k for k in own if k in leave)
     model.load_state_dict({k: theirs[k] for k in loaded}, strict=False)
     log.info("initialised from %s (epoch %d, step %d): %d tensors loaded, %d left at initialisation%s: %s", path,
-             ckpt["epoch"], ckpt["step"], len(loaded), len(leave),
-             " (the head: the class count differs)" if head_differs else "", sorted(leave)[:10])
-    return loaded, sorted(leave)
+             ckpt["epoch"], ckpt["step"], len(loaded), len(left),
+             " (the head: the class count differs)" if head_differs else "", left[:10])
+    return loaded, left
 
 
 def resolve_checkpoint(cfg: Config, choice: str | None = None) -> str:

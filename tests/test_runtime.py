@@ -104,7 +104,8 @@ def test_eval_script_on_a_text_file_says_what_is_wrong(tmp_path):
 def test_weights_that_do_not_fit_name_each_tensor(tmp_path):
     path = tmp_path / "other.pt"
     tiny_checkpoint(path, model=KCenterViT(**{**TINY, "num_classes": 7}))
-    with pytest.raises(ValueError, match=r"other.pt: .*head.weight: \(7, 48\) in the file, \(5, 48\) in the model"):
+    with pytest.raises(ValueError,
+                       match=r"other.pt: .*head.weight: \(7, 48\) in the checkpoint, \(5, 48\) in the model"):
         load_model_weights(KCenterViT(**TINY), read_checkpoint(str(path)), str(path))
 
 
