@@ -37,8 +37,8 @@ if __name__ != "__mp_main__":
 
     from models import build_model
     from pipelines import build_loader
-    from runtime import (TEST_STARTS, autocast_dtype, kcenter_seeds, load_model_weights, parse_command_line,
-                         read_checkpoint, resolve_checkpoint, setup_distributed, setup_logging, write_atomic)
+    from runtime import (autocast_dtype, load_model_weights, parse_command_line, read_checkpoint,
+                         resolve_checkpoint, setup_distributed, setup_logging, view_seeds, write_atomic)
     from vis import draw_sampled_patches, save_png
 
 log = logging.getLogger("kcenter")
@@ -70,12 +70,6 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[st
     return {"top1": 100.0 * float(top1.mean()), "top5": 100.0 * float(top5.mean()),
             "mean_class_accuracy": float(np.mean(list(per_class.values()))), "per_class_top1": per_class,
             "videos": int(len(labels))}
-
-
-def view_seeds(seed: int, index: torch.Tensor, num_views: int) -> torch.Tensor:
-    """(B * V,) K-center seeds of the views of videos `index` (B,), video-major like the flattened views."""
-    views = torch.arange(num_views).repeat(len(index))
-    return kcenter_seeds(seed, TEST_STARTS, views, index.repeat_interleave(num_views))
 
 
 def score_videos(model, loader, device, amp_dtype, rank: int, cfg: Config, ensemble: str,

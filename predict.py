@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import config_from_dict
+from eval import aggregate_views
 from models import build_model
 from pipelines import sampling
 from pipelines.decode import decode_frames, probe_video
 from preprocess.common import find_videos
-from runtime import TEST_STARTS, kcenter_seeds, load_model_weights, read_checkpoint, write_atomic
+from runtime import load_model_weights, read_checkpoint, view_seeds, write_atomic
 from vis import draw_sampled_patches, save_png
 
 log = logging.getLogger("kcenter")
@@ -53,11 +54,8 @@ def video_paths(inputs: list[str]) -> list[str]:
 
 def frame_indices(cfg, num_frames: int, fps: float) -> np.ndarray:
     """(clips * T,) frame indices, clip-major, as eval.py's test views take them."""
-    if cfg.data.dataset == "ssv2":
-        return sampling.ssv2_frame_indices(num_frames, cfg.data.num_frames, None)
-    return np.concatenate([sampling.kinetics_frame_indices(num_frames, fps, cfg.data.num_frames,
-                                                           cfg.data.sampling_rate, cfg.data.target_fps, position)
-                           for position in sampling.kinetics_positions("test", None, cfg.eval.num_clips)])
+    return sampling.clip_frame_indices("test", cfg.data.dataset == "ssv2", num_frames, fps, cfg.data.num_frames,
+                                       cfg.data.sampling_rate, cfg.data.target_fps, cfg.eval.num_clips)
 
 
 def test_views(frames: np.ndarray, cfg, device: torch.device) -> torch.Tensor:
@@ -83,12 +81,11 @@ def test_views(frames: np.ndarray, cfg, device: torch.device) -> torch.Tensor:
 
 
 def combine(logits: torch.Tensor, ensemble: str) -> torch.Tensor:
-    """(V, K) view logits -> (K,) class probabilities, ranked as the ensemble ranks them."""
+    """(V, K) view logits -> (K,) class probabilities, ranked as eval.py's `aggregate_views` ranks them."""
+    scores = aggregate_views(logits[None], ensemble)[0]
     if ensemble == "mean_softmax":
-        return logits.softmax(-1).mean(0)
-    if ensemble == "max":
-        return logits.amax(0).softmax(-1)
-    return logits.mean(0).softmax(-1)  # sum_logits: the mean ranks alike
+        return scores
+    return (scores / len(logits) if ensemble == "sum_logits" else scores).softmax(-1)  # the mean logit, or the max
 
 
 @torch.no_grad()
@@ -97,9 +94,7 @@ def predict_video(model, cfg, path: str, device: torch.device, ensemble: str):
     info = probe_video(path)
     frames = decode_frames(path, frame_indices(cfg, info.num_frames, info.fps), info.num_frames)
     views = test_views(frames, cfg, device)
-    # the K-center starts of each view as eval.py's for one video: a function of (seed, view)
-    seeds = kcenter_seeds(cfg.train.seed, TEST_STARTS, torch.arange(len(views)), torch.zeros(len(views),
-                                                                                             dtype=torch.long))
+    seeds = view_seeds(cfg.train.seed, torch.zeros(1, dtype=torch.long), len(views))  # as eval.py's for video 0
     return combine(model(views, seeds=seeds).float(), ensemble).cpu(), views, seeds
 
 

@@ -118,6 +118,12 @@ def kcenter_seeds(seed: int, stream: int, step, index: torch.Tensor) -> torch.Te
     return torch.from_numpy(mix_keys(seed, stream, step, index.cpu().numpy()).view(np.int64))
 
 
+def view_seeds(seed: int, index: torch.Tensor, num_views: int) -> torch.Tensor:
+    """(B * V,) K-center seeds of the test views of videos `index` (B,), video-major like the flattened views."""
+    views = torch.arange(num_views).repeat(len(index))
+    return kcenter_seeds(seed, TEST_STARTS, views, index.repeat_interleave(num_views))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RNG state, as tensors and plain values (loadable with weights_only=True)
 

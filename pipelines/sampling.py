@@ -90,6 +90,17 @@ def kinetics_positions(mode: str, rng: np.random.Generator | None, num_clips: in
     return [i / num_clips for i in range(num_clips)]
 
 
+def clip_frame_indices(mode: str, segments: bool, num_video_frames: int, fps: float, num_frames: int,
+                       sampling_rate: int, target_fps: float, num_clips: int = 1,
+                       rng: np.random.Generator | None = None) -> np.ndarray:
+    """(num_clips * num_frames,) frame indices of a sample, clip-major: one frame per segment (`segments`, the SSv2
+    protocol), or the Kinetics clips of `mode` (`rng` draws the training clip's start and frames)."""
+    if segments:
+        return ssv2_frame_indices(num_video_frames, num_frames, rng)
+    return np.concatenate([kinetics_frame_indices(num_video_frames, fps, num_frames, sampling_rate, target_fps, p)
+                           for p in kinetics_positions(mode, rng, num_clips)])
+
+
 def ssv2_frame_indices(num_video_frames: int, num_frames: int, rng: np.random.Generator | None) -> np.ndarray:
     """One frame per segment: random within the segment if `rng` is given (training), else the middle one."""
     seg_size = (num_video_frames - 1) / num_frames

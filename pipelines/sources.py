@@ -113,12 +113,9 @@ class ClipSource:
         """(num_clips * num_frames,) frame indices of the sample, clip-major."""
         spec = self.spec
         train_rng = sampling.sample_rng(self.seed, epoch, index, sampling.TEMPORAL) if spec.mode == "train" else None
-        if spec.reader == "jpeg":
-            return sampling.ssv2_frame_indices(video.num_frames, spec.num_frames, train_rng)
-        positions = sampling.kinetics_positions(spec.mode, train_rng, spec.num_clips)
-        return np.concatenate([
-            sampling.kinetics_frame_indices(video.num_frames, video.fps, spec.num_frames, spec.sampling_rate,
-                                            spec.target_fps, p) for p in positions])
+        return sampling.clip_frame_indices(spec.mode, spec.reader == "jpeg", video.num_frames, video.fps,
+                                           spec.num_frames, spec.sampling_rate, spec.target_fps, spec.num_clips,
+                                           train_rng)
 
     def _read(self, video: VideoRecord, epoch: int, index: int):
         if video.error or video.num_frames <= 0:

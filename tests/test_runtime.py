@@ -12,10 +12,10 @@ import timm
 import torch
 
 from config import Config, ModelConfig
-from eval import check_checkpoint_fits, view_seeds
+from eval import check_checkpoint_fits
 from models import KCenterViT
 from runtime import (CHECKPOINT_FORMAT, init_from_checkpoint, kcenter_seeds, load_model_weights, parse_command_line,
-                     read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
+                     read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state, view_seeds)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(num_classes=5, num_frames=4, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
