@@ -76,8 +76,9 @@ def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
         if groups.shape != (N,) or groups.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"groups must be an integer tensor of shape ({N},), got {groups.dtype} "
                              f"{tuple(groups.shape)}")
-        if k > len(torch.unique(groups)):
-            raise ValueError(f"k={k} picks cannot come from {len(torch.unique(groups))} groups (one per group)")
+        num_groups = len(torch.unique(groups))
+        if k > num_groups:
+            raise ValueError(f"k={k} picks cannot come from {num_groups} groups (one per group)")
         groups = groups.to(device=points.device, dtype=torch.int64)
     if B == 0:
         return torch.empty(0, k, dtype=torch.int64, device=points.device)

@@ -17,7 +17,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from pipelines import sampling
 from pipelines.datasets import VideoDataset, read_dataset
 from pipelines.graphs import GRAPHS, OUTPUT_NAMES, rand_augment_suite
-from pipelines.sources import BAD, OK, PADDING, ClipSource, ClipSpec
+from pipelines.sources import BAD, OK, PADDING, ClipSource, ClipSpec, message_text
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class ClipLoader:
             counts["seen" if status != PADDING else "padded"] += 1
             if status == BAD:
                 counts["bad"] += 1
-                self._record_bad(index, bytes(row["message"]).rstrip(b"\0").decode(errors="replace"))
+                self._record_bad(index, message_text(row["message"]))
             if status != OK:
                 continue
             pipe = make_pipeline(_OneRow(self.spec, tuple(row.values())), 1, num_threads=self.num_threads,
@@ -264,8 +264,7 @@ class ClipLoader:
         counts["padded"] += int((status == PADDING).sum())
         for row in (status == BAD).nonzero().reshape(-1).tolist():
             counts["bad"] += 1
-            message = bytes(out["message"][row].cpu().numpy()).rstrip(b"\0").decode(errors="replace")
-            self._record_bad(int(index[row]), message)
+            self._record_bad(int(index[row]), message_text(out["message"][row].cpu().numpy()))
         clips, labels = out["clips"], out["labels"].reshape(-1).to(torch.int64)
         keep = status == OK
         if not bool(keep.all()):

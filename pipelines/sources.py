@@ -199,6 +199,11 @@ class ClipSource:
         return params
 
 
+def message_text(row: np.ndarray) -> str:
+    """A row's `message` output (fixed-size bytes, see MESSAGE_BYTES) back to text."""
+    return bytes(row).rstrip(b"\0").decode(errors="replace")
+
+
 class _BadVideo(Exception):
     """A video that cannot be read: its row is marked BAD and carries this message."""
 

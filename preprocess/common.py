@@ -332,11 +332,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shard", type=parse_shard, metavar="I/N",
+    group = parser.add_mutually_exclusive_group()  # --merge-only merges the shards: it takes no --shard
+    group.add_argument("--shard", type=parse_shard, metavar="I/N",
                         help="convert only shard I of N (0 <= I < N; e.g. one per node or per job of an array, at the "
                              "same time into one DST), with its own manifest and failure list; a run without "
                              "--shard merges them into DST/manifest.csv")
-    parser.add_argument("--merge-only", action="store_true",
+    group.add_argument("--merge-only", action="store_true",
                         help="convert nothing: merge the shards' manifests into DST/manifest.csv and their failure "
                              "lists into DST/failures.txt")
 
@@ -405,15 +406,15 @@ def run_tasks(converter: Converter, tasks: list[Task], dst: Path, workers: int, 
         print(f"error: {e}", file=sys.stderr)
         return 2
     manifest_path, failure_path = shard_files(dst, shard)
+    owned = None  # a shard leaves the temporaries of the shards beside it alone
     if shard is not None:
         tasks = [task for task in tasks if shard_of(task.output, shard[1]) == shard[0]]
         owned = {dst / task.output for task in tasks} | {manifest_path, failure_path}
-        remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks}, owned=owned)
-        # Entries of outputs deleted since are dropped; complete outputs the manifest lacks are described again.
-        rows = {path: row for path, row in read_manifest(manifest_path).items() if converter.is_complete(dst / path)}
-    else:
-        remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks})
-        rows = _merged_rows(converter, dst)
+    remove_stale_temps({dst} | {(dst / task.output).parent for task in tasks}, owned=owned)
+    # Entries of outputs deleted since are dropped; complete outputs the manifest lacks are described again. Without
+    # a shard, the shards' manifests are merged in.
+    rows = {path: row for path, row in read_manifest(manifest_path).items() if converter.is_complete(dst / path)} \
+        if shard is not None else _merged_rows(converter, dst)
     failures = FailureLog(failure_path)
     counts = Counter()
     pending, conflicts = _plan(converter, tasks, rows, dst)

@@ -158,8 +158,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-audio", action="store_true", help="keep the first audio track, as AAC")
     common.add_shard_arguments(parser)
     args = parser.parse_args(argv)
-    if args.shard and args.merge_only:
-        parser.error("--merge-only merges the shards: give it no --shard")
     if not args.src.is_dir():
         parser.error(f"SRC is not a folder: {args.src}")
     if args.src.resolve() == args.dst.resolve():
@@ -180,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = EncodeSettings(short_side=args.short_side, fps=args.fps, gop=args.gop, preset=args.preset,
                               crf=args.crf, bframes=args.bframes, keep_audio=args.keep_audio, threads=args.threads)
+    converter = Mp4Resizer(args.src, args.dst, settings)
+    if args.merge_only:  # reads DST only: no need to walk SRC
+        return common.merge_shards(converter, args.dst)
     sources = common.find_videos(args.src, exclude=args.dst)
     if not sources:
         print(f"warning: no video files under {args.src}", file=sys.stderr)
     tasks = [common.Task(source, output_name(source)) for source in sources]
-    converter = Mp4Resizer(args.src, args.dst, settings)
-    if args.merge_only:
-        return common.merge_shards(converter, args.dst)
     return common.run_tasks(converter, tasks, args.dst, args.workers, desc="resize",
                             settings=settings.output_settings(), shard=args.shard)
 

@@ -107,8 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="resize the short side to this many pixels, aspect kept (default: keep the size)")
     common.add_shard_arguments(parser)
     args = parser.parse_args(argv)
-    if args.shard and args.merge_only:
-        parser.error("--merge-only merges the shards: give it no --shard")
     if not args.src.is_dir():
         parser.error(f"SRC is not a folder: {args.src}")
     if args.src.resolve() == args.dst.resolve():
@@ -125,13 +123,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    extractor = FrameExtractor(args.src, args.dst, args.quality, args.short_side, args.threads)
+    if args.merge_only:  # reads DST only: no need to walk SRC
+        return common.merge_shards(extractor, args.dst)
     sources = common.find_videos(args.src, recursive=False)
     if not sources:
         print(f"warning: no video files in {args.src}", file=sys.stderr)
     tasks = [common.Task(source, PurePosixPath(source).stem) for source in sources]
-    extractor = FrameExtractor(args.src, args.dst, args.quality, args.short_side, args.threads)
-    if args.merge_only:
-        return common.merge_shards(extractor, args.dst)
     return common.run_tasks(extractor, tasks, args.dst, args.workers, desc="frames",
                             settings={"quality": args.quality, "short_side": args.short_side}, shard=args.shard)
 
