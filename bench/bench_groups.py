@@ -14,7 +14,6 @@ brute force with groups on the first segments.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_sampler import FRAMES, GRID, PATCH, synthetic_clips  # noqa: E402
+from bench.bench_sampler import FRAMES, GRID, PATCH, reference64, synthetic_clips  # noqa: E402
 from models import kcenter  # noqa: E402
 from models.kcenter import kcenter_sample, patch_coordinates, patchify  # noqa: E402
 
@@ -36,18 +35,6 @@ def segment_points(clips: torch.Tensor) -> torch.Tensor:
     coords = patch_coordinates(FRAMES, GRID, PATCH, pixel_std=0.5).expand(len(clips), -1, -1, -1, -1)
     points = torch.cat([patches, coords], -1)  # (B, T, h, w, 771)
     return points.unflatten(1, (SEGMENTS, FRAMES // SEGMENTS)).flatten(2, 4).flatten(0, 1)
-
-
-def reference64(points, k, start, groups):
-    out = []
-    for x, s in zip(points.double(), start.tolist()):
-        min_dist, picks = torch.full((x.shape[0],), math.inf, dtype=torch.float64), [s]
-        for _ in range(1, k):
-            min_dist = torch.minimum(min_dist, ((x - x[picks[-1]]) ** 2).sum(-1))
-            min_dist[torch.isin(groups, groups[picks])] = -1.0
-            picks.append(int(min_dist.argmax()))
-        out.append(picks)
-    return torch.tensor(out)
 
 
 def time_pair(points, start, groups, repeats):

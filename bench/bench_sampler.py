@@ -95,13 +95,14 @@ def make_inputs(kind: str, batch: int, seed: int = 0):
     return points, start
 
 
-def reference64(points: torch.Tensor, k: int, start: torch.Tensor) -> torch.Tensor:
+def reference64(points: torch.Tensor, k: int, start: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 brute force; with `groups`, a pick removes every point of its group."""
     out = []
     for x, s in zip(points.double(), start.tolist()):
         min_dist, picks = torch.full((x.shape[0],), math.inf, dtype=torch.float64), [s]
         for _ in range(1, k):
             min_dist = torch.minimum(min_dist, ((x - x[picks[-1]]) ** 2).sum(-1))
-            min_dist[picks] = -1.0
+            min_dist[picks if groups is None else torch.isin(groups, groups[picks])] = -1.0
             picks.append(int(min_dist.argmax()))
         out.append(picks)
     return torch.tensor(out)

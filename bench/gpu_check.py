@@ -165,19 +165,15 @@ def check_kernel_against_reference(work: Path) -> Check:
     pick whose float64 min-distance is within fp32 rounding of the best (a near-tie)."""
     import torch
 
-    from models import KCenterViT
+    from bench.bench_sampler import K, clip_points
     from models.kcenter import kcenter_sample
     from models.kcenter_triton import kcenter_sample_triton
     from pipelines import build_loader
     loader = build_loader(data_config(work, py_workers=1), "val", batch_size=2, device_id=0, seed=0)
-    clips = next(iter(loader)).clips
-    sampler = KCenterViT(num_classes=4, depth=1).sampler.cuda()
-    pixels = clips.unflatten(3, (14, 16)).unflatten(5, (14, 16)).permute(0, 2, 3, 5, 1, 4, 6).flatten(4)
-    points = torch.cat([pixels[:, sampler.run_frames[0]].flatten(1, 3),
-                        sampler.run_coords[0].expand(len(clips), -1, -1)], -1)  # (B, 5684, 771)
-    start = torch.tensor([0, 2841], device="cuda")
-    fused = kcenter_sample_triton(points, sampler.picks_per_run, start).cpu()
-    cpu = kcenter_sample(points.cpu(), sampler.picks_per_run, start.cpu())  # float64-exact on the CPU
+    points = clip_points(next(iter(loader)).clips.cpu())  # (B, 5684, 771), as the K-center ViT builds them
+    start = torch.tensor([0, 2841])
+    fused = kcenter_sample_triton(points.cuda(), K, start.cuda()).cpu()
+    cpu = kcenter_sample(points, K, start)  # float64-exact on the CPU
     equal = int((fused == cpu).all(1).sum())
     worst = 0.0
     x = points.double().cpu()
