@@ -52,8 +52,10 @@ class DataConfig:
         _check_positive("data.target_fps", self.target_fps)
         _check_positive("data.crop_size", self.crop_size)
         lo, hi = self.train_jitter_scales
-        if not 0 < lo <= hi:
-            raise ValueError(f"data.train_jitter_scales must be 0 < min <= max, got {list(self.train_jitter_scales)}")
+        if not self.crop_size <= lo <= hi:
+            raise ValueError(f"data.train_jitter_scales must be crop_size ({self.crop_size}) <= min <= max (a short "
+                             f"side below the crop leaves no {self.crop_size} x {self.crop_size} window), got "
+                             f"{list(self.train_jitter_scales)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"data.std must be positive, got {list(self.std)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -172,7 +172,8 @@ class DecordClips(TorchClips):
 
 class DecodeOnly(TorchClips):
     """The floor: decoding alone of the frames a clip needs (from the keyframe at or before its first frame to its
-    last), no RGB conversion, no augmentation (FFmpeg through PyAV, one thread)."""
+    last), no RGB conversion, no augmentation (FFmpeg through PyAV, one thread per process: with every core busy,
+    FFmpeg's default slice threads cost CPU time instead of saving it)."""
 
     def __getitem__(self, index):
         return torch.zeros(1), self.decode(self.paths[index])
@@ -180,6 +181,7 @@ class DecodeOnly(TorchClips):
     def decode(self, path):
         with av.open(path) as container:
             stream = container.streams.video[0]
+            stream.thread_type, stream.codec_context.thread_count = "NONE", 1
             n, fps = stream.frames, float(stream.average_rate)
             indices = self.clip_indices(n, fps)
             per_frame = stream.duration / n

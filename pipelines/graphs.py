@@ -10,7 +10,9 @@ Shapes: a decoded clip is (F, H, W, 3) uint8, F = num_clips * num_frames; output
 """
 from __future__ import annotations
 
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.data_node import DataNode
 from nvidia.dali.auto_aug import augmentations as aug
 from nvidia.dali.auto_aug.core import augmentation, signed_bin
 from nvidia.dali.auto_aug.core._select import select  # DALI's own op switch (used by its rand_augment)
@@ -58,31 +60,85 @@ def decode_clip(sample: dict, spec: ClipSpec):
     return fn.stack(*frames, axis=0, axis_name="F")
 
 
-def resize_short_side(clip, size):
-    """Bilinear, no antialiasing, as the original's short_side_scale_jitter (torch interpolate)."""
-    return fn.resize(clip, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=False)
+def resized_size(clip, scale):
+    """(H, W, new H, new W) as float64 nodes: the original's short-side resize (transform.short_side_scale_jitter)
+    takes the short side to `scale` and the long one to floor(long / short * scale), computed in float64 as Python
+    does (DALI's own `resize_shorter` rounds the long side instead)."""
+    shape = clip.shape(dtype=types.FLOAT64)  # (F, H, W, C)
+    h, w = shape[1], shape[2]
+    scale = fn.cast(scale, dtype=types.FLOAT64) if isinstance(scale, DataNode) else float(scale)
+    portrait = fn.cast(w < h, dtype=types.FLOAT64)
+    new_h = portrait * dmath.floor(h / w * scale) + (1 - portrait) * scale
+    new_w = (1 - portrait) * dmath.floor(w / h * scale) + portrait * scale
+    return h, w, new_h, new_w
 
 
-def crop_flip_normalize(clip, spec: ClipSpec, crop_x=0.5, crop_y=0.5, mirror=0, layout="CFHW"):
-    """The same crop window and flip on every frame; (x / 255 - mean) / std as float32."""
-    return fn.crop_mirror_normalize(
-        clip, crop=(spec.crop_size, spec.crop_size), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
-        mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std], dtype=types.FLOAT,
-        output_layout=layout, out_of_bounds_policy="pad")
+def crop_offsets(new_h, new_w, size, pos_x, pos_y, rounding):
+    """(top, left) of a size x size window at relative position (pos_x, pos_y) of the free space: `dmath.floor` with
+    positions drawn uniformly in [0, 1) gives the original's randint(0, free) (random_crop); `dmath.ceil` with 0, 0.5
+    and 1 its start, centre (ceil(free / 2)) and end crops (uniform_crop)."""
+    return rounding(pos_y * (new_h - size)), rounding(pos_x * (new_w - size))
 
 
-def color_jitter(clip, factors):
-    """Brightness, contrast and saturation of a normalised (C, T, H, W) clip by per-clip factors (3,).
+def bilinear(clip, **kwargs):
+    """torch's interpolate(mode="bilinear", align_corners=False): no antialiasing (checked to float rounding)."""
+    return fn.resize(clip, interp_type=types.INTERP_LINEAR, antialias=False, **kwargs)
 
-    As in the original, the jitter acts on the normalised values: brightness scales them (around the mean
-    colour), contrast blends each frame with its mean gray level, saturation blends with the per-pixel gray.
+
+def resized_crop(clip, size, scale, pos_x, pos_y, mirror=None, rounding=dmath.floor):
+    """(F, size, size, 3) uint8: the window at (pos_x, pos_y) (see crop_offsets) of the frames resized to short side
+    `scale` (see resized_size), flipped left-right where `mirror` is 1. One resampling of the window only (a region
+    of interest of the source frames): the same pixels as resizing whole frames, cropping and flipping, at a
+    fraction of the work."""
+    h, w, new_h, new_w = resized_size(clip, scale)
+    top, left = crop_offsets(new_h, new_w, size, pos_x, pos_y, rounding)
+    y0, y1 = top * (h / new_h), (top + size) * (h / new_h)
+    x0, x1 = left * (w / new_w), (left + size) * (w / new_w)
+    if mirror is not None:  # a region that ends left of where it starts is read flipped
+        flip = fn.cast(mirror, dtype=types.FLOAT64) * (x1 - x0)
+        x0, x1 = x0 + flip, x1 - flip
+    start = fn.cast(fn.stack(y0, x0), dtype=types.FLOAT)
+    end = fn.cast(fn.stack(y1, x1), dtype=types.FLOAT)
+    return bilinear(clip, size=[size, size], roi_start=start, roi_end=end, roi_relative=False)
+
+
+def short_side_resize(clip, scale):
+    """Whole frames resized to short side `scale` (see resized_size), for the steps that need all of a frame."""
+    _, _, new_h, new_w = resized_size(clip, scale)
+    return bilinear(clip, size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT))
+
+
+def crop(clip, size, pos_x, pos_y, rounding=dmath.floor):
+    """(F, size, size, 3): the window at (pos_x, pos_y) of already resized frames (see crop_offsets)."""
+    shape = clip.shape(dtype=types.FLOAT64)
+    top, left = crop_offsets(shape[1], shape[2], size, pos_x, pos_y, rounding)
+    return fn.slice(clip, start=fn.cast(fn.stack(top, left), dtype=types.INT32), shape=[size, size], axis_names="HW")
+
+
+def normalize(clip, spec: ClipSpec, jitter=None):
+    """(F, S, S, 3) uint8 -> (C, F, S, S) float32: (x / 255 - mean) / std, then the colour jitter when `jitter`
+    holds the clip's (brightness, contrast, saturation) factors.
+
+    The jitter acts on the normalised values, as the original's: y = b * (c * (s * x + (1 - s) * gray) + (1 - c) *
+    mean_gray), gray = 0.299 R + 0.587 G + 0.114 B of x and mean_gray its mean over each frame. It is linear in the
+    pixels, so it costs one pass more than the normalisation: y = (b c s) * x + k, where the normalisation's std is
+    divided by b c s and k = b c (1 - s) * gray + b (1 - c) * mean_gray is the same for the three channels; gray comes
+    straight from the uint8 pixels (one weighted channel sum, normalisation folded in).
     """
-    brightness, contrast, saturation = factors[0], factors[1], factors[2]
-    gray = sum(w * clip[c] for c, w in enumerate(GRAY_WEIGHTS))  # (T, H, W)
-    mean_gray = fn.reductions.mean(gray, axes=[1, 2], keep_dims=True)  # (T, 1, 1)
-    channels = [brightness * (contrast * (saturation * clip[c] + (1 - saturation) * gray) + (1 - contrast) * mean_gray)
-                for c in range(3)]
-    return fn.stack(*channels, axis=0)
+    mean, std = [255 * m for m in spec.mean], [255 * s for s in spec.std]
+    if jitter is None:
+        return fn.crop_mirror_normalize(clip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CFHW")
+    b, c, s = jitter[0], jitter[1], jitter[2]  # per-sample scalars, on the CPU
+    x = fn.crop_mirror_normalize(clip, mean=mean, std=fn.stack(*[sd / (b * c * s) for sd in std]),
+                                 dtype=types.FLOAT, output_layout="CFHW")
+    weights = [w / sd for w, sd in zip(GRAY_WEIGHTS, std)]
+    gray = fn.coord_transform(clip, M=weights, T=[-sum(w * m for w, m in zip(weights, mean))], dtype=types.FLOAT)
+    mean_gray = fn.reductions.mean(gray, axes=[1, 2], keep_dims=True)  # (F, 1, 1, 1)
+    gray_weight, mean_weight = b * c * (1 - s), b * (1 - c)
+    if clip.device == "gpu":
+        gray_weight, mean_weight = gray_weight.gpu(), mean_weight.gpu()
+    k = fn.transpose(gray_weight * gray + mean_weight * mean_gray, perm=[3, 0, 1, 2])  # (1, F, S, S)
+    return x + k
 
 
 @augmentation
@@ -133,9 +189,10 @@ def rand_augment(clip, sample: dict, spec: ClipSpec):
 def uniform_crops(clip, spec: ClipSpec):
     """(V, C, T, S, S) views of a clip resized to short side S: for each temporal clip, crops at the start,
     centre and end of the long side (or the centre only), clip-major."""
+    size = spec.crop_size
     positions = (0.0, 0.5, 1.0) if spec.num_crops == 3 else (0.5,)
-    views = [crop_flip_normalize(clip, spec, p, p) for p in positions]  # each (C, N*T, S, S)
-    size, n, t, k = spec.crop_size, spec.num_clips, spec.num_frames, len(positions)
+    views = [normalize(crop(clip, size, p, p, dmath.ceil), spec) for p in positions]  # each (C, N*T, S, S)
+    n, t, k = spec.num_clips, spec.num_frames, len(positions)
     views = fn.reshape(fn.stack(*views), shape=[k, 3, n, t, size, size])
     views = fn.transpose(views, perm=[2, 0, 1, 3, 4, 5])  # (N, K, C, T, S, S)
     return fn.reshape(views, shape=[n * k, 3, t, size, size], layout="")
@@ -157,29 +214,29 @@ OUTPUT_NAMES = ["clips", "labels", "index", "status", "message"]
 def train_pipeline(source: ClipSource, parallel: bool):
     spec = source.spec
     sample = read_sample(source, parallel)
-    clip = resize_short_side(decode_clip(sample, spec), sample["scale"])
-    if spec.rand_augment:
-        clip = rand_augment(clip, sample, spec)
-    crop = sample["crop_pos"]
-    clip = crop_flip_normalize(clip, spec, crop[0], crop[1], sample["mirror"])  # (C, T, S, S)
-    if spec.color_jitter:
-        clip = color_jitter(clip, sample["jitter"].gpu() if spec.device == "gpu" else sample["jitter"])
-    return outputs(clip, sample, spec)
+    clip, size, mirror = decode_clip(sample, spec), spec.crop_size, sample["mirror"]
+    x, y = sample["crop_pos"][0], sample["crop_pos"][1]
+    if spec.rand_augment:  # its ops see whole frames
+        clip = rand_augment(short_side_resize(clip, sample["scale"]), sample, spec)
+        clip = fn.flip(crop(clip, size, x, y), horizontal=mirror)
+    else:
+        clip = resized_crop(clip, size, sample["scale"], x, y, mirror)
+    return outputs(normalize(clip, spec, sample["jitter"] if spec.color_jitter else None), sample, spec)
 
 
 @pipeline_def(py_start_method="spawn")
 def val_pipeline(source: ClipSource, parallel: bool):
     spec = source.spec
     sample = read_sample(source, parallel)
-    clip = resize_short_side(decode_clip(sample, spec), spec.crop_size)
-    return outputs(crop_flip_normalize(clip, spec), sample, spec)  # centre crop, (C, T, S, S)
+    clip = resized_crop(decode_clip(sample, spec), spec.crop_size, spec.crop_size, 0.5, 0.5, rounding=dmath.ceil)
+    return outputs(normalize(clip, spec), sample, spec)  # centre crop, (C, T, S, S)
 
 
 @pipeline_def(py_start_method="spawn")
 def test_pipeline(source: ClipSource, parallel: bool):
     spec = source.spec
     sample = read_sample(source, parallel)
-    clip = resize_short_side(decode_clip(sample, spec), spec.crop_size)
+    clip = short_side_resize(decode_clip(sample, spec), spec.crop_size)
     return outputs(uniform_crops(clip, spec), sample, spec)
 
 

@@ -188,7 +188,7 @@ class ClipSource:
         spec = self.spec
         spatial = sampling.train_spatial(self.seed, epoch, index, spec.jitter_scales, spec.inverse_uniform,
                                          spec.random_flip)
-        params = [np.array(spatial.scale, np.float32), np.array([spatial.crop_x, spatial.crop_y], np.float32),
+        params = [np.array(spatial.scale, np.float32), np.array([spatial.crop_x, spatial.crop_y], np.float64),
                   np.array(spatial.mirror, np.int32)]
         if spec.color_jitter:
             params.append(sampling.color_jitter_factors(self.seed, epoch, index))

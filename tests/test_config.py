@@ -48,6 +48,7 @@ def test_paper_configs_load():
     ({"model": {"num_tokens": 100}}, "model.num_tokens 100"),
     ({"data": {"num_frames": 16}}, r"model.num_frames \(32\) != data.num_frames \(16\)"),
     ({"data": {"train_jitter_scales": [320, 256]}}, "train_jitter_scales"),
+    ({"data": {"train_jitter_scales": [200, 320]}}, r"crop_size \(224\) <= min"),
     ({"eval": {"ensemble": "mean"}}, r"eval.ensemble must be one of .*'mean'"),
     ({"eval": {"checkpoint": ""}}, "eval.checkpoint must be 'last', 'best' or a path"),
     ({"train": {"deterministic": "yes"}}, "train.deterministic must be bool"),

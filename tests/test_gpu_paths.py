@@ -84,7 +84,7 @@ def mixed_codecs(tmp_path_factory):
 
 @pytest.mark.parametrize("py_workers", [0, 1])
 def test_a_batch_the_decoder_fails_is_decoded_one_video_at_a_time(mixed_codecs, py_workers, caplog):
-    cfg = kinetics_cfg(mixed_codecs, crop_size=128, train_list="val.csv")
+    cfg = kinetics_cfg(mixed_codecs, crop_size=128, train_jitter_scales=(128, 160), train_list="val.csv")
     data = read_dataset(cfg, "val", show_progress=False)
     spec = dataclasses.replace(clip_spec(cfg, "val", data), reader="nvdec")  # DALI's video decoder, on the CPU
     loader = ClipLoader(data, spec, split="val", batch_size=2, rank=0, world_size=1, device_id=None, seed=0,

@@ -8,6 +8,7 @@ upsamples chroma bilinearly, PyAV's rgb24 by nearest neighbour).
 """
 import dataclasses
 import io
+import math
 import os
 import subprocess
 import sys
@@ -17,12 +18,14 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import videogen
 from config import DataConfig
 from pipelines import build_loader, read_dataset, sampling
 from pipelines.loader import clip_spec, make_pipeline
+from pipelines import decode
 from pipelines.decode import demux_encoded, nvdec_unsupported
 from pipelines.sources import BAD, OK, ClipSource
 
@@ -122,7 +125,7 @@ def test_train_clips_follow_the_protocol(kinetics):
 
 def test_val_pixels_match_pyav_h264_and_vp9(kinetics):
     # crop = short side of the 64x48 videos: no resize, the centre crop is columns 8..55.
-    cfg = kinetics_cfg(kinetics, crop_size=48, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    cfg = kinetics_cfg(kinetics, crop_size=48, train_jitter_scales=(48, 56), mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
     loader = build_loader(cfg, "val", batch_size=2)
     (first, second) = list(loader)
     assert [len(first.index), len(second.index)] == [2, 1]
@@ -135,6 +138,30 @@ def test_val_pixels_match_pyav_h264_and_vp9(kinetics):
             normalised = (expected / 255 - np.array(cfg.mean)) / np.array(cfg.std)
             np.testing.assert_allclose(clip.permute(1, 2, 3, 0).numpy(), normalised, atol=1e-4)
     assert any(loader.videos[i][0].endswith(".webm") for i in first.index.tolist() + second.index.tolist())
+
+
+@pytest.mark.parametrize("skipping", [True, False])
+def test_decoded_frames_are_those_of_a_full_decode(tmp_path, monkeypatch, skipping):
+    """The CPU path decodes from the keyframe before the first wanted frame and lets FFmpeg skip the non-reference
+    frames nobody wants (or, where packets do not map onto frames, decodes frame by frame): either way its frames
+    must be those of a plain decode of every frame, for any indices, past the end included (edge padding)."""
+    h264 = videogen.write_video(str(tmp_path / "b.mp4"), 40, texture=True)
+    vp9 = videogen.write_video(str(tmp_path / "v.webm"), 30, texture=True, codec="vp9")
+    with av.open(h264) as container:  # x264's B-frames: frames FFmpeg may skip
+        container.streams.video[0].codec_context.skip_frame = "NONREF"
+        assert sum(1 for _ in container.decode(video=0)) < 30
+    calls, decode_span = [], decode._decode_span
+    monkeypatch.setattr(decode, "_decode_span", lambda *args, skip: calls.append(skip) or decode_span(*args, skip=skip))
+    if not skipping:
+        def unmapped(*args):
+            raise decode._Unmapped
+        monkeypatch.setattr(decode, "_decode_skipping", unmapped)
+    for path, n in ((h264, 40), (vp9, 30)):
+        everything = pyav_frames(path, range(n)).astype(np.uint8)
+        for indices in ([0], [5, 13, 21], list(range(17, n, 3)), [n - 1, 0, n - 1, 12], [n - 3, n, n + 1]):
+            np.testing.assert_array_equal(decode.decode_frames(path, np.array(indices), n),
+                                          everything[np.minimum(indices, n - 1)], err_msg=f"{path} {indices}")
+    assert (False in calls) != skipping, "well-formed files decode without the frame-by-frame fallback"
 
 
 def test_test_views_shapes_and_order(kinetics):
@@ -169,12 +196,93 @@ def test_color_jitter_matches_reference(kinetics):
     assert applied > 0
 
 
+def original_resize(x, size):
+    """The original's short_side_scale_jitter on (T, C, H, W) floats: short side to `size`, long side floored."""
+    h, w = x.shape[-2:]
+    if (w <= h and w == size) or (h <= w and h == size):
+        return x
+    new_h, new_w = (math.floor(h / w * size), size) if w < h else (size, math.floor(w / h * size))
+    return F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+
+
+def original_normalize(frames, cfg):
+    """(T, H, W, 3) 0..255 -> normalised (T, C, H, W), as the original does before its spatial steps."""
+    return ((torch.from_numpy(frames) / 255 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)).permute(0, 3, 1, 2)
+
+
+def window(x, size, top, left):
+    return x[..., top:top + size, left:left + size]
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    """Noise-textured videos, landscape and portrait, whose long sides make floor and round differ."""
+    root = str(tmp_path_factory.mktemp("textured"))
+    for split in ("train", "val"):
+        videogen.write_kinetics(root, split, [dict(label="a", frames=20, width=90, height=64, texture=True),
+                                              dict(label="b", frames=20, width=52, height=74, texture=True),
+                                              dict(label="a", frames=20, width=66, height=48, texture=True)])
+    return root
+
+
+def test_train_val_test_pixels_follow_the_original(textured):
+    """Every view equals the original's transforms (transform.py: short-side resize with the long side floored,
+    bilinear; random_crop's randint offsets or uniform_crop's; flip; colour jitter on normalised values) applied
+    to independently decoded frames, to the rounding of the resized pixels to uint8 (half a level)."""
+    cfg, seed, size = kinetics_cfg(textured, crop_size=32, train_jitter_scales=(32, 80), color_jitter=True), 7, 32
+    level = 0.5 / 255 / min(cfg.std) + 1e-5  # half a level, normalised (plus float32 rounding)
+    checked = dict(train=0, val=0, test=0, mirrored=0, jittered=0)
+    for epoch in range(3):
+        loader = build_loader(cfg, "train", batch_size=3, seed=seed, start_epoch=epoch)
+        for batch in loader:
+            for clip, index in zip(batch.clips, batch.index.tolist()):
+                frames = pyav_frames(loader.videos[index][0], expected_indices(loader, index, epoch, seed))
+                spatial = sampling.train_spatial(seed, epoch, index, cfg.train_jitter_scales, True, True)
+                x = original_resize(original_normalize(frames, cfg), int(spatial.scale))
+                h, w = x.shape[-2:]
+                x = window(x, size, math.floor(spatial.crop_y * (h - size)), math.floor(spatial.crop_x * (w - size)))
+                x = x.flip(-1) if spatial.mirror else x  # random_crop draws randint(0, free): floor(u * free)
+                b, c, s = (float(f) for f in sampling.color_jitter_factors(seed, epoch, index))
+                gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+                x = b * (c * (s * x + (1 - s) * gray) + (1 - c) * gray.mean(dim=(1, 2, 3), keepdim=True))
+                # the jitter scales the rounding of each channel by at most b (c (s + |1 - s|) + |1 - c|) < 4.2
+                torch.testing.assert_close(clip, x.permute(1, 0, 2, 3), atol=4.2 * level, rtol=0)
+                checked["train"] += 1
+                checked["mirrored"] += spatial.mirror
+                checked["jittered"] += (b, c, s) != (1, 1, 1)
+            break  # one batch per epoch: each epoch draws other scales, crops and flips
+    loader = build_loader(cfg, "val", batch_size=3)
+    batch = next(iter(loader))
+    for clip, index in zip(batch.clips, batch.index.tolist()):
+        video = loader.dataset.videos[index]
+        x = original_resize(original_normalize(pyav_frames(video.path, expected_indices(loader, index, 0, 0)), cfg),
+                            size)
+        h, w = x.shape[-2:]
+        x = window(x, size, math.ceil((h - size) / 2), math.ceil((w - size) / 2))  # uniform_crop, centre
+        torch.testing.assert_close(clip, x.permute(1, 0, 2, 3), atol=level, rtol=0)
+        checked["val"] += 1
+    loader = build_loader(cfg, "test", batch_size=3, num_clips=1, num_crops=3)
+    batch = next(iter(loader))
+    for views, index in zip(batch.clips, batch.index.tolist()):
+        video = loader.dataset.videos[index]
+        x = original_resize(original_normalize(pyav_frames(video.path, expected_indices(loader, index, 0, 0)), cfg),
+                            size)
+        h, w = x.shape[-2:]
+        for spatial_idx, view in enumerate(views):  # uniform_crop: start, centre, end of the long side
+            free = (h - size, w - size)
+            top, left = [(0, math.ceil(f / 2), f)[spatial_idx] if f == max(free) else math.ceil(f / 2) for f in free]
+            torch.testing.assert_close(view, window(x, size, top, left).permute(1, 0, 2, 3), atol=level, rtol=0)
+        checked["test"] += 1
+    assert checked["train"] == 9 and checked["val"] == checked["test"] == 3
+    assert 0 < checked["mirrored"] < 9 and checked["jittered"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Something-Something v2
 
 
 def test_ssv2_frames_match_pil(ssv2):
-    cfg = ssv2_cfg(ssv2, crop_size=48)
+    cfg = ssv2_cfg(ssv2, crop_size=48, train_jitter_scales=(48, 56))
     loader = build_loader(cfg, "val", batch_size=3)
     for batch in loader:
         for clip, index in zip(batch.clips, batch.index.tolist()):
@@ -432,7 +540,8 @@ def test_gpu_fixtures_are_streams_nvdec_decodes(kinetics_gpu):
 
 @pytest.mark.gpu
 def test_gpu_loader_matches_pyav(kinetics_gpu):
-    cfg = kinetics_cfg(kinetics_gpu, device="gpu", crop_size=128)  # the short side: no resize, centre columns
+    # crop = the short side: no resize, centre columns
+    cfg = kinetics_cfg(kinetics_gpu, device="gpu", crop_size=128, train_jitter_scales=(128, 160))
     loader = build_loader(cfg, "val", batch_size=3, device_id=0)
     (batch,) = list(loader)
     assert batch.clips.is_cuda and batch.labels.is_cuda

@@ -31,11 +31,15 @@ EXTENSIONS = {"vp9": ".webm"}  # the rest go in mp4
 MAX_FRAMES = 61  # red = 8 + 4n must stay below 256
 
 
-def make_frame(n: int, width: int = 64, height: int = 48) -> np.ndarray:
-    """(H, W, 3) uint8 frame number n."""
+def make_frame(n: int, width: int = 64, height: int = 48, texture: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 frame number n; `texture`: noise in green and blue instead of the ramps (the same in every
+    frame), where a resampling off by a fraction of a pixel shows."""
     assert 0 <= n < MAX_FRAMES
     frame = np.empty((height, width, 3), np.uint8)
     frame[..., 0] = 8 + 4 * n
+    if texture:
+        frame[..., 1:] = np.random.default_rng([width, height]).integers(16, 240, (height, width, 2))
+        return frame
     frame[..., 1] = np.linspace(16, 240, width).round().astype(np.uint8)[None, :]
     frame[..., 2] = np.linspace(16, 240, height).round().astype(np.uint8)[:, None]
     return frame
@@ -47,14 +51,14 @@ def frame_number(red: np.ndarray) -> int:
 
 
 def write_video(path: str, num_frames: int, width: int = 64, height: int = 48, fps: float = 30,
-                codec: str = "h264") -> str:
+                codec: str = "h264", texture: bool = False) -> str:
     """Frames 0..num_frames-1 (see make_frame); mp4 files get their index up front (`faststart`), so a truncated
     copy still opens and announces all frames."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     container = ["-movflags", "+faststart"] if path.endswith(".mp4") else []
     command = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                "-r", str(fps), "-i", "-", *CODECS[codec], *container, path]
-    frames = b"".join(make_frame(n, width, height).tobytes() for n in range(num_frames))
+    frames = b"".join(make_frame(n, width, height, texture).tobytes() for n in range(num_frames))
     subprocess.run(command, input=frames, check=True)
     return path
 
@@ -72,7 +76,8 @@ def write_frame_folder(root: str, video_id: str, num_frames: int, width: int = 6
 
 def write_kinetics(root: str, split: str, videos: list[dict], csv_name: str | None = None) -> str:
     """Videos under root/<split>/ named as Kinetics clips, and the official CSV. Each dict: label, frames,
-    and optionally fps, codec (a key of CODECS), width, height, subfolder (put the file in root/<split>/<label>/)."""
+    and optionally fps, codec (a key of CODECS), width, height, texture (see make_frame), subfolder (put the file in
+    root/<split>/<label>/)."""
     os.makedirs(root, exist_ok=True)
     csv_path = os.path.join(root, csv_name or f"{split}.csv")
     with open(csv_path, "w", newline="") as f:
@@ -87,7 +92,7 @@ def write_kinetics(root: str, split: str, videos: list[dict], csv_name: str | No
             folder = os.path.join(root, split, video["label"] if video.get("subfolder") else "")
             write_video(os.path.join(folder, f"{youtube_id}_{10 * i:06d}_{10 * i + 10:06d}{ext}"), video["frames"],
                         video.get("width", 64), video.get("height", 48), video.get("fps", 30),
-                        video.get("codec", "h264"))
+                        video.get("codec", "h264"), video.get("texture", False))
     return csv_path
 
 
