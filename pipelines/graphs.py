@@ -86,7 +86,7 @@ def bilinear(clip, **kwargs):
 
 
 def resized_crop(clip, size, scale, pos_x, pos_y, mirror=None, rounding=dmath.floor):
-    """(F, size, size, 3) uint8: the window at (pos_x, pos_y) (see crop_offsets) of the frames resized to short side
+    """(F, size, size, 3) float32 (0..255, unrounded, as the original resizes floats): the window at (pos_x, pos_y) (see crop_offsets) of the frames resized to short side
     `scale` (see resized_size), flipped left-right where `mirror` is 1. One resampling of the window only (a region
     of interest of the source frames): the same pixels as resizing whole frames, cropping and flipping, at a
     fraction of the work."""
@@ -99,13 +99,14 @@ def resized_crop(clip, size, scale, pos_x, pos_y, mirror=None, rounding=dmath.fl
         x0, x1 = x0 + flip, x1 - flip
     start = fn.cast(fn.stack(y0, x0), dtype=types.FLOAT)
     end = fn.cast(fn.stack(y1, x1), dtype=types.FLOAT)
-    return bilinear(clip, size=[size, size], roi_start=start, roi_end=end, roi_relative=False)
+    return bilinear(clip, size=[size, size], roi_start=start, roi_end=end, roi_relative=False, dtype=types.FLOAT)
 
 
-def short_side_resize(clip, scale):
-    """Whole frames resized to short side `scale` (see resized_size), for the steps that need all of a frame."""
+def short_side_resize(clip, scale, dtype=types.UINT8):
+    """Whole frames resized to short side `scale` (see resized_size), for the steps that need all of a frame;
+    float32 is unrounded, as the original's (uint8 for RandAugment's ops)."""
     _, _, new_h, new_w = resized_size(clip, scale)
-    return bilinear(clip, size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT))
+    return bilinear(clip, size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT), dtype=dtype)
 
 
 def crop(clip, size, pos_x, pos_y, rounding=dmath.floor):
@@ -116,14 +117,14 @@ def crop(clip, size, pos_x, pos_y, rounding=dmath.floor):
 
 
 def normalize(clip, spec: ClipSpec, jitter=None):
-    """(F, S, S, 3) uint8 -> (C, F, S, S) float32: (x / 255 - mean) / std, then the colour jitter when `jitter`
+    """(F, S, S, 3) 0..255 -> (C, F, S, S) float32: (x / 255 - mean) / std, then the colour jitter when `jitter`
     holds the clip's (brightness, contrast, saturation) factors.
 
     The jitter acts on the normalised values, as the original's: y = b * (c * (s * x + (1 - s) * gray) + (1 - c) *
     mean_gray), gray = 0.299 R + 0.587 G + 0.114 B of x and mean_gray its mean over each frame. It is linear in the
     pixels, so it costs one pass more than the normalisation: y = (b c s) * x + k, where the normalisation's std is
     divided by b c s and k = b c (1 - s) * gray + b (1 - c) * mean_gray is the same for the three channels; gray comes
-    straight from the uint8 pixels (one weighted channel sum, normalisation folded in).
+    straight from the pixels (one weighted channel sum, normalisation folded in).
     """
     mean, std = [255 * m for m in spec.mean], [255 * s for s in spec.std]
     if jitter is None:
@@ -236,7 +237,7 @@ def val_pipeline(source: ClipSource, parallel: bool):
 def test_pipeline(source: ClipSource, parallel: bool):
     spec = source.spec
     sample = read_sample(source, parallel)
-    clip = short_side_resize(decode_clip(sample, spec), spec.crop_size)
+    clip = short_side_resize(decode_clip(sample, spec), spec.crop_size, types.FLOAT)
     return outputs(uniform_crops(clip, spec), sample, spec)
 
 

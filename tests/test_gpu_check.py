@@ -77,6 +77,7 @@ def test_pipeline_benchmark_runs_every_loader(tmp_path, monkeypatch, capsys):
     assert bench_pipeline.main(["--work", str(tmp_path), "--videos", "4", "--batches", "1", "--warmup", "0",
                                 "--rounds", "1", "--num-frames", "8", "--sampling-rate", "2", "--crop", "112"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for name in ("pyav_dataloader", "torchcodec_dataloader", "decord_dataloader", "dali_pipeline", "decode_floor"):
+    for name in ("pyav_dataloader", "torchcodec_dataloader", "torchcodec_tuned", "decord_dataloader", "dali_pipeline",
+                 "decode_floor"):
         assert report[name] > 0, name
     assert report["vs_best_peer"] > 0 and report["vs_decode_floor"] > 0
