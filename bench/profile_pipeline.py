@@ -171,8 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="/tmp/bench_pipeline")
     parser.add_argument("--clips-per-video", type=int, default=2)
     parser.add_argument("--natural", action="store_true",
-                        help="instead of bench_pipeline.py's videos, bench_encode.py's three 10 s sources (a camera pan "
-                             "over 1/f noise, a Mandelbrot zoom, testsrc2, with sensor noise) encoded as "
+                        help="instead of bench_pipeline.py's videos, bench_encode.py's three 10 s sources (a camera "
+                             "pan over 1/f noise, a Mandelbrot zoom, testsrc2, with sensor noise) encoded as "
                              "preprocess/resize_kinetics.py encodes them (needs the ffmpeg binary)")
     args = parser.parse_args(argv)
     if args.natural:

@@ -86,10 +86,10 @@ def bilinear(clip, **kwargs):
 
 
 def resized_crop(clip, size, scale, pos_x, pos_y, mirror=None, rounding=dmath.floor):
-    """(F, size, size, 3) float32 (0..255, unrounded, as the original resizes floats): the window at (pos_x, pos_y) (see crop_offsets) of the frames resized to short side
-    `scale` (see resized_size), flipped left-right where `mirror` is 1. One resampling of the window only (a region
-    of interest of the source frames): the same pixels as resizing whole frames, cropping and flipping, at a
-    fraction of the work."""
+    """(F, size, size, 3) float32 in 0..255: the window at (pos_x, pos_y) (see crop_offsets) of the frames resized to
+    short side `scale` (see resized_size), flipped left-right where `mirror` is 1. One resampling of the window only
+    (a region of interest of the source frames): the same values as resizing whole frames, cropping and flipping, at
+    a fraction of the work; unrounded, as the original resizes floats."""
     h, w, new_h, new_w = resized_size(clip, scale)
     top, left = crop_offsets(new_h, new_w, size, pos_x, pos_y, rounding)
     y0, y1 = top * (h / new_h), (top + size) * (h / new_h)
