@@ -191,6 +191,8 @@ def _decode_skipping(container, stream, wanted: list[int], index_of, rgb) -> dic
         if packet.pts >= key_pts:  # frames before the keyframe (an open GOP's leading pictures) are not counted
             bisect.insort(times, packet.pts)
     index = {pts: base + rank for rank, pts in enumerate(times)}
+    if len(index) < len(times):  # two packets with one timestamp: which frame is which is not known
+        raise _Unmapped
     keep = set(wanted) & set(index.values())
     if not keep or max(keep) < last:  # the stream ends before the last wanted frame: its last frame pads
         keep.add(base + len(times) - 1)
