@@ -169,15 +169,23 @@ def _decode_span(path: str, wanted: list[int], seek: bool, skip: bool) -> dict[i
     return out
 
 
+# Containers whose packets carry presentation timestamps (checked against a full decode, B-frames included). AVI
+# numbers its packets in decode order instead: its frames would come out in the wrong order.
+PRESENTATION_TIMESTAMPS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts", "flv"}
+
+
 def _decode_skipping(container, stream, wanted: list[int], index_of, rgb) -> dict[int, np.ndarray] | None:
     """_decode_span with `skip` (see there), in the open container."""
+    if container.format.name not in PRESENTATION_TIMESTAMPS:
+        raise _Unmapped
     first, last = wanted[0], wanted[-1]
     packets, times = [], []  # packets in decode order from the keyframe; sorted timestamps of its frames
     key_pts = base = None
     for packet in container.demux(stream):
         if not packet.size:
             continue
-        if packet.pts is None:
+        # no timestamp, or a packet the decoder drops (an edit list's pre-roll): the frame count is not the packets'
+        if packet.pts is None or packet.is_discard:
             raise _Unmapped
         if key_pts is None:
             key_pts, base = packet.pts, index_of(packet.pts)
@@ -191,25 +199,22 @@ def _decode_skipping(container, stream, wanted: list[int], index_of, rgb) -> dic
         if packet.pts >= key_pts:  # frames before the keyframe (an open GOP's leading pictures) are not counted
             bisect.insort(times, packet.pts)
     index = {pts: base + rank for rank, pts in enumerate(times)}
-    if len(index) < len(times):  # two packets with one timestamp: which frame is which is not known
+    if not times or len(index) < len(times):  # nothing after the seek, or two packets with one timestamp
         raise _Unmapped
     keep = set(wanted) & set(index.values())
     if not keep or max(keep) < last:  # the stream ends before the last wanted frame: its last frame pads
         keep.add(base + len(times) - 1)
-    context, out = stream.codec_context, {}
-    for packet in packets:
-        context.skip_frame = "DEFAULT" if index.get(packet.pts) in keep else "NONREF"
+    context, out, shown = stream.codec_context, {}, []
+    for packet in [*packets, None]:  # None: the frames the decoder still holds for reordering
+        context.skip_frame = "DEFAULT" if packet is None or index.get(packet.pts) in keep else "NONREF"
         for frame in context.decode(packet):
+            shown.append(frame.pts)
             if index.get(frame.pts) in keep:
                 out[index[frame.pts]] = to_rgb(rgb, frame)
         if len(out) == len(keep):
             break
-    else:
-        context.skip_frame = "DEFAULT"
-        for frame in context.decode(None):  # the frames the decoder still holds for reordering
-            if index.get(frame.pts) in keep:
-                out[index[frame.pts]] = to_rgb(rgb, frame)
-    if len(out) < len(keep):  # a packet gave no frame, or a frame's timestamp is not its packet's
+    # frames come out in presentation order: their timestamps must rise, and each kept one must have come out
+    if len(out) < len(keep) or any(b <= a for a, b in zip(shown, shown[1:])):
         raise _Unmapped
     return out
 

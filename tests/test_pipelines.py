@@ -164,6 +164,52 @@ def test_decoded_frames_are_those_of_a_full_decode(tmp_path, monkeypatch, skippi
     assert (False in calls) != skipping, "well-formed files decode without the frame-by-frame fallback"
 
 
+def test_streams_without_a_frame_per_timestamp_decode_frame_by_frame(tmp_path, monkeypatch):
+    """Where packets do not map one to one onto frames by timestamp, the skipping decoder must notice it and give what
+    the frame-by-frame decoder gives: an mp4 cut without re-encoding from an open-GOP stream (an edit list whose
+    pre-roll packets the decoder drops) and H.264 with B-frames in AVI (packet timestamps in decode order)."""
+    def encode(path, *args):  # 110 frames of a texture moving right: x264 makes B-frames
+        texture = np.random.default_rng(0).integers(16, 240, (48, 64, 2), np.uint8)
+        frames = np.empty((110, 48, 64, 3), np.uint8)
+        frames[..., 0] = (8 + 2 * np.arange(110))[:, None, None]
+        frames[..., 1:] = [np.roll(texture, n, axis=1) for n in range(110)]
+        subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "64x48",
+                        "-r", "30", "-i", "-", "-c:v", "libx264", "-qp", "10", "-pix_fmt", "yuv420p", *args, path],
+                       input=frames.tobytes(), check=True)
+        return path
+    source = encode(str(tmp_path / "open.mp4"), "-x264-params", "open-gop=1:keyint=8:min-keyint=8:scenecut=0")
+    cut = str(tmp_path / "cut.mp4")
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-ss", "0.4", "-i", source, "-c", "copy", cut], check=True)
+    avi = encode(str(tmp_path / "b.avi"), "-g", "24")
+    unmapped, skipping = [], decode._decode_skipping
+
+    def spy(*args):
+        try:
+            return skipping(*args)
+        except decode._Unmapped:
+            unmapped.append(args[0].name)
+            raise
+    monkeypatch.setattr(decode, "_decode_skipping", spy)
+
+    def frames(path, indices, n, by_frame=False):
+        with monkeypatch.context() as patch:
+            if by_frame:
+                patch.setattr(decode, "_decode_skipping", lambda *args: (_ for _ in ()).throw(decode._Unmapped))
+            try:
+                return decode.decode_frames(path, np.array(indices), n)
+            except ValueError as e:
+                return str(e)
+    rng = np.random.default_rng(0)
+    for path in (cut, avi):
+        n = decode.probe_video(path).num_frames
+        sets = [[i] for i in range(n + 2)] + [sorted(rng.choice(n, 4, replace=False)) for _ in range(10)]
+        for indices in sets:
+            expected = frames(path, indices, n, by_frame=True)
+            if not isinstance(expected, str):  # where the frame-by-frame decoder gives frames, the same ones
+                np.testing.assert_array_equal(frames(path, indices, n), expected, err_msg=f"{path} {indices}")
+        assert path in unmapped, f"{path}: the skipping decoder must have noticed"
+
+
 def test_test_views_shapes_and_order(kinetics):
     cfg = kinetics_cfg(kinetics)
     loader = build_loader(cfg, "test", batch_size=2, num_clips=2, num_crops=3)
