@@ -27,7 +27,7 @@ from pipelines import build_loader, read_dataset, sampling
 from pipelines.loader import clip_spec, make_pipeline
 from pipelines import decode
 from pipelines.decode import demux_encoded, nvdec_unsupported
-from pipelines.sources import BAD, OK, ClipSource
+from pipelines.sources import BAD, OK, ClipSource, ClipSpec
 
 TEMPLATES = ["Holding [something] next to [something]", "Pushing [something] from left to right",
              "Dropping [something]"]
@@ -596,6 +596,41 @@ def test_gpu_loader_matches_pyav(kinetics_gpu):
         expected = pyav_frames(video.path, ids)[:, :, 16:144]
         assert np.abs(pixels(clip, cfg) - expected).mean() < 3
         assert frame_numbers(clip, cfg) == ids.tolist()
+
+
+def augmented_on(device: str, frames: list, params: list, spec) -> list:
+    """The train graph's steps after decoding (window resize, flip, normalisation and colour jitter) on `device`,
+    applied to given frames and parameters: (C, T, S, S) arrays."""
+    from nvidia.dali import fn, pipeline_def
+
+    from pipelines import graphs
+
+    @pipeline_def(batch_size=len(frames), num_threads=1, device_id=0 if device == "gpu" else None)
+    def steps():
+        clip, scale, crop, mirror, jitter = fn.external_source(
+            lambda: ([*frames], *[list(p) for p in zip(*params)]), num_outputs=5, layout=["FHWC", "", "", "", ""])
+        clip = clip.gpu() if device == "gpu" else clip
+        clip = graphs.resized_crop(clip, spec.crop_size, scale, crop[0], crop[1], mirror)
+        return graphs.normalize(clip, spec, jitter)
+    pipe = steps()
+    pipe.build()
+    (out,) = pipe.run()
+    return [np.array(t) for t in (out.as_cpu() if device == "gpu" else out)]
+
+
+@pytest.mark.gpu
+def test_gpu_augmentation_equals_the_cpu_one():
+    """The same frames and parameters through the GPU and the CPU versions of the train steps (a region-of-interest
+    resize with a flip, the jitter folded into the normalisation): the same values to float rounding."""
+    rng = np.random.default_rng(0)
+    spec = ClipSpec(mode="train", reader="pyav", device="gpu", num_frames=4, sampling_rate=1, target_fps=30,
+                    crop_size=48, mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), color_jitter=True)
+    frames = [rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8) for h, w in ((48, 64), (70, 52), (50, 50))]
+    params = [(np.float32(s), np.array([x, y]), np.int32(m), np.array(j, np.float32))
+              for s, x, y, m, j in ((48, 0.3, 0.9, 1, (1.2, 0.7, 1.3)), (60, 0.99, 0.0, 0, (1, 1, 1)),
+                                    (55, 0.5, 0.5, 1, (0.6, 1.4, 0.8)))]
+    for gpu, cpu in zip(augmented_on("gpu", frames, params, spec), augmented_on("cpu", frames, params, spec)):
+        np.testing.assert_allclose(gpu, cpu, atol=1e-3)
 
 
 @pytest.mark.gpu
