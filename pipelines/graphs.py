@@ -102,11 +102,11 @@ def resized_crop(clip, size, scale, pos_x, pos_y, mirror=None, rounding=dmath.fl
     return bilinear(clip, size=[size, size], roi_start=start, roi_end=end, roi_relative=False, dtype=types.FLOAT)
 
 
-def short_side_resize(clip, scale, dtype=types.UINT8):
-    """Whole frames resized to short side `scale` (see resized_size), for the steps that need all of a frame;
-    float32 is unrounded, as the original's (uint8 for RandAugment's ops)."""
+def short_side_resize(clip, scale):
+    """Whole frames resized to short side `scale` (see resized_size), as float32 in 0..255 (unrounded, as the
+    original's): for several crops of one resize."""
     _, _, new_h, new_w = resized_size(clip, scale)
-    return bilinear(clip, size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT), dtype=dtype)
+    return bilinear(clip, size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT), dtype=types.FLOAT)
 
 
 def crop(clip, size, pos_x, pos_y, rounding=dmath.floor):
@@ -217,11 +217,9 @@ def train_pipeline(source: ClipSource, parallel: bool):
     sample = read_sample(source, parallel)
     clip, size, mirror = decode_clip(sample, spec), spec.crop_size, sample["mirror"]
     x, y = sample["crop_pos"][0], sample["crop_pos"][1]
-    if spec.rand_augment:  # its ops see whole frames
-        clip = rand_augment(short_side_resize(clip, sample["scale"]), sample, spec)
-        clip = fn.flip(crop(clip, size, x, y), horizontal=mirror)
-    else:
-        clip = resized_crop(clip, size, sample["scale"], x, y, mirror)
+    if spec.rand_augment:  # as the original: on the decoded frames, before the resize (its translations are
+        clip = rand_augment(clip, sample, spec)  # relative to the frame size)
+    clip = resized_crop(clip, size, sample["scale"], x, y, mirror)
     return outputs(normalize(clip, spec, sample["jitter"] if spec.color_jitter else None), sample, spec)
 
 
@@ -237,7 +235,7 @@ def val_pipeline(source: ClipSource, parallel: bool):
 def test_pipeline(source: ClipSource, parallel: bool):
     spec = source.spec
     sample = read_sample(source, parallel)
-    clip = short_side_resize(decode_clip(sample, spec), spec.crop_size, types.FLOAT)
+    clip = short_side_resize(decode_clip(sample, spec), spec.crop_size)
     return outputs(uniform_crops(clip, spec), sample, spec)
 
 
