@@ -215,11 +215,11 @@ OUTPUT_NAMES = ["clips", "labels", "index", "status", "message"]
 def train_pipeline(source: ClipSource, parallel: bool):
     spec = source.spec
     sample = read_sample(source, parallel)
-    clip, size, mirror = decode_clip(sample, spec), spec.crop_size, sample["mirror"]
-    x, y = sample["crop_pos"][0], sample["crop_pos"][1]
-    if spec.rand_augment:  # as the original: on the decoded frames, before the resize (its translations are
-        clip = rand_augment(clip, sample, spec)  # relative to the frame size)
-    clip = resized_crop(clip, size, sample["scale"], x, y, mirror)
+    clip = decode_clip(sample, spec)
+    if spec.rand_augment:  # on the decoded frames, before the resize, as the original (translations are relative)
+        clip = rand_augment(clip, sample, spec)
+    crop_pos = sample["crop_pos"]
+    clip = resized_crop(clip, spec.crop_size, sample["scale"], crop_pos[0], crop_pos[1], sample["mirror"])
     return outputs(normalize(clip, spec, sample["jitter"] if spec.color_jitter else None), sample, spec)
 
 

@@ -188,6 +188,8 @@ class ClipSource:
         spec = self.spec
         spatial = sampling.train_spatial(self.seed, epoch, index, spec.jitter_scales, spec.inverse_uniform,
                                          spec.random_flip)
+        # crop positions in float64: a draw just below 1 stays below 1 (in float32 it can round up to 1, one past
+        # the original's randint range)
         params = [np.array(spatial.scale, np.float32), np.array([spatial.crop_x, spatial.crop_y], np.float64),
                   np.array(spatial.mirror, np.int32)]
         if spec.color_jitter:
