@@ -86,8 +86,50 @@ def make_videos(work: Path, count: int) -> Path:
 # The loaders a user would write instead, each as a torch DataLoader with the same augmentation
 
 
+def augment(frames: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """(T, H, W, C) uint8 -> (C, T, S, S) float: normalise, inverse-uniform short-side jitter, random crop, flip,
+    colour jitter (on the normalised values, as the original)."""
+    x = normalize(frames.permute(0, 3, 1, 2), cfg)  # (T, C, H, W)
+    return color_jitter(resize_crop_flip(x, cfg)).permute(1, 0, 2, 3).contiguous()  # (C, T, S, S)
+
+
+def augment_tuned(frames: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """`augment` as a torch expert writes it: resize the uint8 frames (torch's fast path), crop, and only then the
+    float work (normalisation, flip, colour jitter), on the crop alone. The same random draws in the same order."""
+    x = resize_crop_flip(frames.permute(0, 3, 1, 2), cfg)  # (T, C, S, S) uint8, channels-last in memory
+    return color_jitter(normalize(x, cfg)).permute(1, 0, 2, 3).contiguous()  # (C, T, S, S)
+
+
+def normalize(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """(T, C, H, W) uint8 -> (x / 255 - mean) / std."""
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (cfg.mean, cfg.std))
+    return (x.float() / 255 - mean) / std
+
+
+def resize_crop_flip(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """(T, C, H, W) -> (T, C, S, S): inverse-uniform short-side jitter (bilinear), random crop, flip with p=0.5."""
+    lo, hi = cfg.train_jitter_scales
+    size = round(1.0 / random.uniform(1.0 / hi, 1.0 / lo))
+    h, w = x.shape[-2:]
+    new_h, new_w = (size, math.floor(w / h * size)) if h <= w else (math.floor(h / w * size), size)
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    top, left = random.randint(0, new_h - cfg.crop_size), random.randint(0, new_w - cfg.crop_size)
+    x = x[..., top:top + cfg.crop_size, left:left + cfg.crop_size]
+    return x.flip(-1) if random.random() < 0.5 else x
+
+
+def color_jitter(x: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation 0.4 with p=0.8 on normalised (T, C, H, W), as the original."""
+    if random.random() < 0.2:
+        return x
+    b, c, s = (1 + random.uniform(-0.4, 0.4) for _ in range(3))
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    return b * (c * (s * x + (1 - s) * gray) + (1 - c) * gray.mean(dim=(1, 2, 3), keepdim=True))
+
+
 class TorchClips(torch.utils.data.Dataset):
     """A clip of each video, augmented in torch as the original code does; subclasses decode."""
+    augmentation = staticmethod(augment)
 
     def __init__(self, paths: list[str], cfg: DataConfig):
         self.paths, self.cfg = paths, cfg
@@ -96,7 +138,7 @@ class TorchClips(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return augment(self.decode(self.paths[index]), self.cfg), index
+        return self.augmentation(self.decode(self.paths[index]), self.cfg), index
 
     def decode(self, path: str) -> torch.Tensor:
         """(T, H, W, C) uint8 frames of a random clip."""
@@ -108,50 +150,6 @@ class TorchClips(torch.utils.data.Dataset):
         clip_size = cfg.sampling_rate * cfg.num_frames / cfg.target_fps * fps
         start = random.uniform(0, max(num_frames - clip_size, 0))
         return np.clip(np.linspace(start, start + clip_size - 1, cfg.num_frames), 0, num_frames - 1).astype(np.int64)
-
-
-def augment(frames: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
-    """(T, H, W, C) uint8 -> (C, T, S, S) float: normalise, inverse-uniform short-side jitter, random crop, flip,
-    colour jitter (on the normalised values, as the original)."""
-    x = (frames.float() / 255 - torch.tensor(cfg.mean, device=frames.device)) / torch.tensor(cfg.std,
-                                                                                               device=frames.device)
-    x = x.permute(0, 3, 1, 2)  # (T, C, H, W)
-    lo, hi = cfg.train_jitter_scales
-    size = round(1.0 / random.uniform(1.0 / hi, 1.0 / lo))
-    h, w = x.shape[-2:]
-    new_h, new_w = (size, math.floor(w / h * size)) if h <= w else (math.floor(h / w * size), size)
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
-    top, left = random.randint(0, new_h - cfg.crop_size), random.randint(0, new_w - cfg.crop_size)
-    x = x[..., top:top + cfg.crop_size, left:left + cfg.crop_size]
-    if random.random() < 0.5:
-        x = x.flip(-1)
-    if random.random() >= 0.2:
-        b, c, s = (1 + random.uniform(-0.4, 0.4) for _ in range(3))
-        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-        x = b * (c * (s * x + (1 - s) * gray) + (1 - c) * gray.mean(dim=(1, 2, 3), keepdim=True))
-    return x.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
-
-
-def augment_tuned(frames: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
-    """`augment` as a torch expert writes it: resize the uint8 frames (torch's fast path), crop, and only then the
-    float work (normalisation, flip, colour jitter), on the crop alone."""
-    x = frames.permute(0, 3, 1, 2)  # (T, C, H, W), channels-last in memory
-    lo, hi = cfg.train_jitter_scales
-    size = round(1.0 / random.uniform(1.0 / hi, 1.0 / lo))
-    h, w = x.shape[-2:]
-    new_h, new_w = (size, math.floor(w / h * size)) if h <= w else (math.floor(h / w * size), size)
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
-    top, left = random.randint(0, new_h - cfg.crop_size), random.randint(0, new_w - cfg.crop_size)
-    x = x[..., top:top + cfg.crop_size, left:left + cfg.crop_size]
-    if random.random() < 0.5:
-        x = x.flip(-1)
-    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (cfg.mean, cfg.std))
-    x = (x.float() / 255 - mean) / std
-    if random.random() >= 0.2:
-        b, c, s = (1 + random.uniform(-0.4, 0.4) for _ in range(3))
-        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-        x = b * (c * (s * x + (1 - s) * gray) + (1 - c) * gray.mean(dim=(1, 2, 3), keepdim=True))
-    return x.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
 
 
 class PyAVClips(TorchClips):
@@ -191,9 +189,7 @@ class TorchCodecClips(TorchClips):
 
 class TorchCodecTuned(TorchCodecClips):
     """torchcodec with augment_tuned."""
-
-    def __getitem__(self, index):
-        return augment_tuned(self.decode(self.paths[index]), self.cfg), index
+    augmentation = staticmethod(augment_tuned)
 
 
 class DecordClips(TorchClips):

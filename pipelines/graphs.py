@@ -109,7 +109,7 @@ def short_side_resize(clip, scale):
     return bilinear(clip, size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT), dtype=types.FLOAT)
 
 
-def crop(clip, size, pos_x, pos_y, rounding=dmath.floor):
+def crop(clip, size, pos_x, pos_y, rounding):
     """(F, size, size, 3): the window at (pos_x, pos_y) of already resized frames (see crop_offsets)."""
     shape = clip.shape(dtype=types.FLOAT64)
     top, left = crop_offsets(shape[1], shape[2], size, pos_x, pos_y, rounding)

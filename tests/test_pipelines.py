@@ -260,6 +260,12 @@ def window(x, size, top, left):
     return x[..., top:top + size, left:left + size]
 
 
+def original_resized(loader, index, epoch, seed, cfg, scale):
+    """The original's normalised and resized frames of a loader's sample, from an independent PyAV decode."""
+    frames = pyav_frames(loader.videos[index][0], expected_indices(loader, index, epoch, seed))
+    return original_resize(original_normalize(frames, cfg), scale)
+
+
 @pytest.fixture(scope="module")
 def textured(tmp_path_factory):
     """Noise-textured videos, landscape and portrait, whose long sides make floor and round differ."""
@@ -282,9 +288,8 @@ def test_train_val_test_pixels_follow_the_original(textured):
         loader = build_loader(cfg, "train", batch_size=3, seed=seed, start_epoch=epoch)
         for batch in loader:
             for clip, index in zip(batch.clips, batch.index.tolist()):
-                frames = pyav_frames(loader.videos[index][0], expected_indices(loader, index, epoch, seed))
                 spatial = sampling.train_spatial(seed, epoch, index, cfg.train_jitter_scales, True, True)
-                x = original_resize(original_normalize(frames, cfg), int(spatial.scale))
+                x = original_resized(loader, index, epoch, seed, cfg, int(spatial.scale))
                 h, w = x.shape[-2:]
                 x = window(x, size, math.floor(spatial.crop_y * (h - size)), math.floor(spatial.crop_x * (w - size)))
                 x = x.flip(-1) if spatial.mirror else x  # random_crop draws randint(0, free): floor(u * free)
@@ -299,9 +304,7 @@ def test_train_val_test_pixels_follow_the_original(textured):
     loader = build_loader(cfg, "val", batch_size=3)
     batch = next(iter(loader))
     for clip, index in zip(batch.clips, batch.index.tolist()):
-        video = loader.dataset.videos[index]
-        x = original_resize(original_normalize(pyav_frames(video.path, expected_indices(loader, index, 0, 0)), cfg),
-                            size)
+        x = original_resized(loader, index, 0, 0, cfg, size)
         h, w = x.shape[-2:]
         x = window(x, size, math.ceil((h - size) / 2), math.ceil((w - size) / 2))  # uniform_crop, centre
         torch.testing.assert_close(clip, x.permute(1, 0, 2, 3), atol=atol, rtol=0)
@@ -309,9 +312,7 @@ def test_train_val_test_pixels_follow_the_original(textured):
     loader = build_loader(cfg, "test", batch_size=3, num_clips=1, num_crops=3)
     batch = next(iter(loader))
     for views, index in zip(batch.clips, batch.index.tolist()):
-        video = loader.dataset.videos[index]
-        x = original_resize(original_normalize(pyav_frames(video.path, expected_indices(loader, index, 0, 0)), cfg),
-                            size)
+        x = original_resized(loader, index, 0, 0, cfg, size)
         h, w = x.shape[-2:]
         for spatial_idx, view in enumerate(views):  # uniform_crop: start, centre, end of the long side
             free = (h - size, w - size)
