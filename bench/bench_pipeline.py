@@ -43,47 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from config import DataConfig  # noqa: E402
 from pipelines import build_loader  # noqa: E402
-from preprocess.resize_kinetics import EncodeSettings  # noqa: E402
-
-WIDTH, HEIGHT, FPS, SECONDS = 340, 256, 30, 10
-# preprocess/resize_kinetics.py's encoder settings, through PyAV's own FFmpeg (no ffmpeg binary needed: GPU machines
-# may have only the wheels)
-SETTINGS = EncodeSettings()
-ENCODE = {"preset": SETTINGS.preset, "crf": str(SETTINGS.crf), "g": str(SETTINGS.gop), "bf": str(SETTINGS.bframes)}
-
-
-def make_videos(work: Path, count: int) -> Path:
-    """`count` textured videos under work/<settings>/train/ and its train.csv (kept between runs); returns the root."""
-    work = work / f"g{SETTINGS.gop}_{SETTINGS.preset}_crf{SETTINGS.crf}_bf{SETTINGS.bframes}"
-    folder = work / "train"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = ["label,youtube_id,time_start,time_end,split"]
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        path = folder / f"bench{i:04d}_000000_000010.mp4"
-        rows.append(f"class{i % 4},bench{i:04d},0,10,train")
-        if path.exists():
-            continue
-        texture = rng.integers(0, 256, size=(HEIGHT * 2, WIDTH * 2, 3), dtype=np.uint8)
-        y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
-        tmp = path.with_name(path.name + ".tmp")
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=FPS, options=ENCODE)
-            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-            for n in range(FPS * SECONDS):  # a panning texture with a moving gradient
-                dx, dy = (3 * n + 7 * i) % WIDTH, (2 * n) % HEIGHT
-                frame = texture[dy:dy + HEIGHT, dx:dx + WIDTH].astype(np.int16) // 2
-                frame += (((x + 4 * n) % 256) // 2).astype(np.int16)[..., None]
-                image = av.VideoFrame.from_ndarray(frame.clip(0, 255).astype(np.uint8), format="rgb24")
-                container.mux(stream.encode(image))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    (work / "train.csv").write_text("\n".join(rows) + "\n")
-    return work
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loaders a user would write instead, each as a torch DataLoader with the same augmentation
+from bench.videos import ENCODE, FPS, HEIGHT, SECONDS, WIDTH, make_videos  # noqa: E402
 
 
 def augment(frames: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
@@ -269,6 +229,18 @@ def clips_per_second(batches, warmup: int, count: int, device) -> float:
     return clips / (time.perf_counter() - start)
 
 
+def ratios(median: dict[str, float]) -> dict[str, float]:
+    """DALI's clips/s against the original approach, the best peer that ran, and the decode floor."""
+    dali = median["dali_pipeline"]
+    peers = [v for k, v in median.items() if k not in ("dali_pipeline", "decode_floor")]
+    out = {"speedup": round(dali / median["pyav_dataloader"], 2)} if "pyav_dataloader" in median else {}
+    if peers:
+        out["vs_best_peer"] = round(dali / max(peers), 2)
+    if "decode_floor" in median:
+        out["vs_decode_floor"] = round(dali / median["decode_floor"], 2)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -295,29 +267,38 @@ def main(argv=None) -> int:
     def torch_loader(cls):
         return lambda: dataloader_batches(cls(paths, cfg), args.batch_size, args.workers, device)
 
-    loaders = {"pyav_dataloader": torch_loader(PyAVClips), "torchcodec_dataloader": torch_loader(TorchCodecClips),
+    # DALI first, then the peers: a peer that cannot run here (torchcodec or decord not installed, torchcodec
+    # without the system's FFmpeg libraries) is left out with its reason instead of ending the benchmark
+    loaders = {"dali_pipeline": lambda: pipeline_batches(cfg, args.batch_size, device),
+               "pyav_dataloader": torch_loader(PyAVClips), "torchcodec_dataloader": torch_loader(TorchCodecClips),
                "torchcodec_tuned": torch_loader(TorchCodecTuned), "decord_dataloader": torch_loader(DecordClips),
-               "dali_pipeline": lambda: pipeline_batches(cfg, args.batch_size, device),
                "decode_floor": torch_loader(DecodeOnly)}
     if device.type == "cuda":
         loaders["torchcodec_cuda"] = lambda: torchcodec_cuda_batches(paths, cfg, args.batch_size, device)
-    rates = {name: [] for name in loaders}
+    rates, left_out = {name: [] for name in loaders}, {}
     for _ in range(args.rounds):  # alternate, so that load from other processes hits both alike
         for name, make in loaders.items():
-            batches = make()
-            rates[name].append(clips_per_second(batches, args.warmup, args.batches, device))
-            batches.close()  # stops the loader's worker processes before the next one is timed
+            if name in left_out:
+                continue
+            try:
+                batches = make()
+                rates[name].append(clips_per_second(batches, args.warmup, args.batches, device))
+                batches.close()  # stops the loader's worker processes before the next one is timed
+            except Exception as e:
+                if name == "dali_pipeline":
+                    raise
+                left_out[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                print(f"{name:16s} left out: {left_out[name]}", flush=True)
+                continue
             print(f"{name:16s} {rates[name][-1]:7.2f} clips/s", flush=True)
+    rates = {name: values for name, values in rates.items() if name not in left_out}
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(json.dumps(dict(
         device=args.device, clip=f"{args.num_frames}x{args.crop}x{args.crop} rate {args.sampling_rate}",
         videos=f"{args.videos} x {WIDTH}x{HEIGHT} {FPS} fps {SECONDS} s H.264 {ENCODE}", batch_size=args.batch_size,
         workers=args.workers, threads=args.threads, cpus=os.cpu_count(),
         **{name: round(value, 2) for name, value in median.items()},
-        speedup=round(median["dali_pipeline"] / median["pyav_dataloader"], 2),
-        vs_best_peer=round(median["dali_pipeline"] / max(v for k, v in median.items()
-                                                         if k not in ("dali_pipeline", "decode_floor")), 2),
-        vs_decode_floor=round(median["dali_pipeline"] / median["decode_floor"], 2),
+        **ratios(median), left_out=left_out,
         rounds={name: [round(v, 2) for v in values] for name, values in rates.items()})))
     return 0
 

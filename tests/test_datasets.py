@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
+pytest.importorskip("av", reason="needs PyAV")
+
 import videogen
 from config import DataConfig
 from pipelines import read_dataset

@@ -3,6 +3,9 @@ loading into each, gradients, and the families learning through train.py."""
 import os
 
 import pytest
+
+pytest.importorskip("av", reason="needs PyAV")
+pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI")
 import timm
 import torch
 

@@ -14,9 +14,11 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import av
 import numpy as np
 import pytest
+
+av = pytest.importorskip("av", reason="needs PyAV")
+pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI")
 import torch
 import torch.nn.functional as F
 from PIL import Image

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+pytest.importorskip("av", reason="needs PyAV")
+pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI")
+
 import videogen
 from preprocess.make_demo_data import CLASSES
 from test_train import demo_root, run, write_config  # noqa: F401 (fixture)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +16,13 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
+
+av = pytest.importorskip("av", reason="needs PyAV")
+pytest.importorskip("ffmpeg", reason="needs ffmpeg-python")
+if not shutil.which("ffmpeg"):
+    pytest.skip("needs the ffmpeg binary (preprocess/ runs it)", allow_module_level=True)
 from PIL import Image
 
 from preprocess import common, resize_kinetics, ssv2_to_frames

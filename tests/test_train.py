@@ -7,6 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+
+pytest.importorskip("av", reason="needs PyAV")
+pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI")
 import torch
 import yaml
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
+from fractions import Fraction
 
 import numpy as np
 from PIL import Image
@@ -26,6 +28,17 @@ CODECS = {
     "h264_422": ["-c:v", "libx264", "-pix_fmt", "yuv422p"],
     "hevc": ["-c:v", "libx265", "-pix_fmt", "yuv420p", "-x265-params", "log-level=error"],
     "av1": ["-c:v", "libaom-av1", "-pix_fmt", "yuv420p", "-cpu-used", "8", "-crf", "40"],
+}
+# The same streams through PyAV's own FFmpeg, where there is no ffmpeg binary (GPU machines with wheels only):
+# codec key -> (encoder, pixel format, encoder options)
+PYAV_CODECS = {
+    "h264": ("libx264", "yuv420p", {"qp": "4", "g": "8"}),
+    "vp9": ("libvpx-vp9", "yuv420p", {"lossless": "1", "g": "8", "deadline": "realtime", "cpu-used": "8"}),
+    "h264_444": ("libx264", "yuv420p", {"qp": "0"}),
+    "h264_10bit": ("libx264", "yuv420p10le", {}),
+    "h264_422": ("libx264", "yuv422p", {}),
+    "hevc": ("libx265", "yuv420p", {"x265-params": "log-level=error"}),
+    "av1": ("libaom-av1", "yuv420p", {"cpu-used": "8", "crf": "40"}),
 }
 EXTENSIONS = {"vp9": ".webm"}  # the rest go in mp4
 MAX_FRAMES = 61  # red = 8 + 4n must stay below 256
@@ -50,16 +63,48 @@ def frame_number(red: np.ndarray) -> int:
     return int(round((float(np.mean(red)) - 8) / 4))
 
 
+def encoders() -> set[str]:
+    """The video encoders at hand: the ffmpeg binary's, else PyAV's (what `write_video` will use)."""
+    if shutil.which("ffmpeg"):
+        listing = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+        return {line.split()[1] for line in listing.splitlines() if len(line.split()) > 1 and line.startswith(" V")}
+    import av
+    found = set()
+    for name in av.codecs_available:
+        try:
+            av.Codec(name, "w")
+            found.add(name)
+        except Exception:  # a decoder only
+            pass
+    return found
+
+
 def write_video(path: str, num_frames: int, width: int = 64, height: int = 48, fps: float = 30,
                 codec: str = "h264", texture: bool = False) -> str:
     """Frames 0..num_frames-1 (see make_frame); mp4 files get their index up front (`faststart`), so a truncated
-    copy still opens and announces all frames."""
+    copy still opens and announces all frames. With the ffmpeg binary where there is one, else with PyAV."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not shutil.which("ffmpeg"):
+        return _write_video_pyav(path, num_frames, width, height, fps, codec, texture)
     container = ["-movflags", "+faststart"] if path.endswith(".mp4") else []
     command = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                "-r", str(fps), "-i", "-", *CODECS[codec], *container, path]
     frames = b"".join(make_frame(n, width, height, texture).tobytes() for n in range(num_frames))
     subprocess.run(command, input=frames, check=True)
+    return path
+
+
+def _write_video_pyav(path, num_frames, width, height, fps, codec, texture) -> str:
+    import av
+    encoder, pix_fmt, options = PYAV_CODECS[codec]
+    container_options = {"movflags": "+faststart"} if path.endswith(".mp4") else {}
+    with av.open(path, mode="w", options=container_options) as container:
+        stream = container.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001), options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        for n in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(make_frame(n, width, height, texture), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
     return path
 
 
