@@ -25,6 +25,16 @@ class DataConfig:
     val_list: str = ""
     test_list: str = ""
     labels_file: str = ""  # ssv2: something-something-v2-labels.json; kinetics/list: optional class-name list
+    # kinetics: the folder of each split's videos, relative to root; empty: the first of train/ videos_train/
+    # (val/ validate/ videos_val/, test/ ...) that exists, else root
+    train_folder: str = ""
+    val_folder: str = ""
+    test_folder: str = ""
+    # ssv2: the names of the frame files in each folder, "auto" (detected per folder: <id>_000000.jpeg as
+    # preprocess/ssv2_to_frames.py writes them, <id>_000001.jpg, img_00001.jpg, ...) or a template with {id} and
+    # {n}, e.g. "img_{n:05d}.jpg", numbered from frame_start
+    frame_naming: str = "auto"
+    frame_start: int = 0
     num_frames: int = 32
     sampling_rate: int = 8  # kinetics: frames between samples at `target_fps`
     target_fps: float = 30.0
@@ -58,6 +68,16 @@ class DataConfig:
                              f"{list(self.train_jitter_scales)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"data.std must be positive, got {list(self.std)}")
+        if self.frame_naming != "auto":
+            try:
+                sample = self.frame_naming.replace("{id}", "x").replace("{n", "{").format(self.frame_start)
+            except (ValueError, IndexError, KeyError):
+                sample = ""
+            if "{n" not in self.frame_naming or not sample.lower().endswith((".jpg", ".jpeg")):
+                raise ValueError(f"data.frame_naming must be 'auto' or a template with {{n}} (and optionally {{id}}) "
+                                 f"naming .jpg/.jpeg files, e.g. 'img_{{n:05d}}.jpg', got {self.frame_naming!r}")
+        if self.frame_start < 0:
+            raise ValueError(f"data.frame_start must be >= 0, got {self.frame_start}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 

@@ -458,7 +458,7 @@ def check_nvjpeg(ctx: Context, device: str = "gpu") -> Check:
     for clip, index in zip(batch.clips, batch.index.tolist()):
         video = loader.dataset.videos[index]
         ids = sampling.ssv2_frame_indices(video.num_frames, 16, None)
-        expected = np.stack([np.asarray(Image.open(f"{video.path}/{video.frame_prefix}_{i:06d}.jpeg").convert("RGB"))
+        expected = np.stack([np.asarray(Image.open(video.frame_path(i)).convert("RGB"))
                              for i in ids]).astype(np.float32)
         mean, std = np.array(cfg.mean) * 255, np.array(cfg.std) * 255
         diffs.append(np.abs(clip.permute(1, 2, 3, 0).cpu().numpy() * std + mean - expected))

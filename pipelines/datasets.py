@@ -6,12 +6,23 @@ here, with errors that name the annotation file and line: unknown labels, malfor
 frame folders, and missing videos (an error, or with `allow_missing` a warning and a list written next to the
 annotation file).
 
-Layouts on disk (those written by `preprocess/`):
-- Kinetics: `root/<split>/{youtube_id}_{start:06d}_{end:06d}.mp4`, optionally in `<label>/` sub-folders, with
-  `root/<split>/manifest.csv` (`path,frames,fps,width,height`, paths relative to the manifest's folder) when
-  present; otherwise each video is probed with PyAV at start-up.
+Annotation files, as the official releases ship them:
+- Kinetics-400/600/700 CSVs: `label,youtube_id,time_start,time_end,split[,is_cc]` with or without the header,
+  quoted or not, and the unlabelled test CSV `youtube_id,time_start,time_end,split` (columns are taken from the
+  header where there is one). An unlabelled list can only be a test list: its videos get predictions, no accuracy.
+- SSv2: something-something-v2-labels.json, train/validation JSON, and test JSON (ids only: unlabelled).
+
+Layouts on disk:
+- Kinetics: `root/<split folder>/{youtube_id}_{start:06d}_{end:06d}.<ext>`, optionally in `<label>/` sub-folders
+  (the ActivityNet downloader's layout). The split folder is `data.<split>_folder` when set, else the first of
+  SPLIT_FOLDERS that exists (`train/`, `val/` as the CVDF download and `preprocess/` write them, `videos_train/`,
+  `videos_val/` as mmaction2's), else `root` itself. `manifest.csv` in it (`path,frames,fps,width,height`, paths
+  relative to the manifest's folder) gives frame counts; otherwise each video is probed with PyAV at start-up.
 - list: `relative/path.mp4 label` lines, paths relative to `root`; `root/manifest.csv` is used when present.
-- SSv2: `root/<id>/<id>_000000.jpeg ...`, with `root/manifest.csv` (`path` = id, `frames` = count) when present.
+- SSv2: `root/<id>/` frame folders: `<id>_000000.jpeg ...` as `preprocess/ssv2_to_frames.py` writes them, or
+  another tool's naming (`<id>_000001.jpg`, mmaction2's `img_00001.jpg`; `.jpg` or `.jpeg`, numbered from 0 or
+  1), detected from each folder or set with `data.frame_naming` / `data.frame_start`; `root/manifest.csv`
+  (`path` = id, `frames` = count) when present.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import csv
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -29,8 +41,12 @@ from pipelines.decode import probe_video
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
-SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validate", "validation"),
-                 "test": ("test", "val", "validate", "validation")}
+SPLIT_FOLDERS = {"train": ("train", "videos_train"), "val": ("val", "validate", "validation", "videos_val"),
+                 "test": ("test", "videos_test", "val", "validate", "validation", "videos_val")}
+# the same annotation under the names the releases give it: ActivityNet's validate.csv, the CVDF mirror's val.csv
+ANNOTATION_ALIASES = (("validate", "val", "validation"),)
+ANNOTATION_SPLITS = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
+OUR_FRAMES = ("{id}_{n:06d}.jpeg", 0)  # preprocess/ssv2_to_frames.py's naming, numbered from 0
 
 
 @dataclass(frozen=True)
@@ -40,8 +56,13 @@ class VideoRecord:
     num_frames: int  # 0 when the file could not be probed: the source then reports it as bad
     fps: float
     where: str  # "annotation_file:line" that listed it
-    frame_prefix: str = ""  # SSv2: frame files are f"{path}/{frame_prefix}_{i:06d}.jpeg"
+    frame_format: str = ""  # SSv2: frame i is path/frame_format.format(i + frame_start), e.g. "7_{:06d}.jpeg"
+    frame_start: int = 0
     error: str = ""  # why probing failed
+
+    def frame_path(self, i: int) -> str:
+        """SSv2: the file of frame i (0-based) of the folder."""
+        return os.path.join(self.path, self.frame_format.format(int(i) + self.frame_start))
 
 
 @dataclass
@@ -50,6 +71,8 @@ class VideoDataset:
     class_names: list[str]
     frames: bool = False  # True: folders of JPEG frames (SSv2), False: video files
     missing: list[tuple[str, str]] = field(default_factory=list)  # (path, "file:line") left out (allow_missing)
+    labelled: bool = True  # False: an unlabelled test list (label -1): predictions only
+    annotation: str = ""  # the file it was read from
 
 
 def read_dataset(cfg, split: str, show_progress: bool = True) -> VideoDataset:
@@ -60,11 +83,33 @@ def read_dataset(cfg, split: str, show_progress: bool = True) -> VideoDataset:
     if not annotation:
         raise ValueError(f"data.{split}_list is empty: no annotation file for the {split} split")
     readers = {"kinetics": read_kinetics, "list": read_video_list, "ssv2": read_ssv2}
-    return readers[cfg.dataset](cfg, split, show_progress)
+    dataset = readers[cfg.dataset](cfg, split, show_progress)
+    if not dataset.labelled and split != "test":
+        raise ValueError(f"data.{split}_list {dataset.annotation} has no labels (an unlabelled test list): it can "
+                         f"only be data.test_list, whose videos then get predictions and no accuracy")
+    return dataset
 
 
 def _resolve(root: str, path: str) -> str:
     return path if os.path.isabs(path) or not root else os.path.join(root, path)
+
+
+def _resolve_annotation(root: str, path: str) -> str:
+    """`path` from `root`; where it does not exist, the same file under another official name (val.csv for
+    validate.csv and back), if exactly that one exists."""
+    full = _resolve(root, path)
+    if os.path.exists(full):
+        return full
+    folder, name = os.path.split(full)
+    stem, ext = os.path.splitext(name)
+    for names in ANNOTATION_ALIASES:
+        if stem in names:
+            found = [os.path.join(folder, other + ext) for other in names if other != stem
+                     and os.path.isfile(os.path.join(folder, other + ext))]
+            if len(found) == 1:
+                log.info("%s not found: reading %s (the same split under the other official name)", full, found[0])
+                return found[0]
+    return full
 
 
 def _class_names_from_file(path: str) -> list[str]:
@@ -79,19 +124,46 @@ def _class_names_from_file(path: str) -> list[str]:
 # Kinetics
 
 
-def _kinetics_rows(path: str) -> list[tuple[int, str, str]]:
-    """(line, label, file stem) of each video of an official Kinetics CSV."""
+KINETICS_COLUMNS = {  # columns of the official CSVs without a header, by count
+    6: ("label", "youtube_id", "time_start", "time_end", "split", "is_cc"),  # Kinetics-400
+    5: ("label", "youtube_id", "time_start", "time_end", "split"),  # Kinetics-600/700
+    4: ("youtube_id", "time_start", "time_end", "split"),  # the unlabelled test lists
+}
+
+
+def _kinetics_rows(path: str) -> list[tuple[int, str | None, str]]:
+    """(line, label or None, file stem) of each video of an official Kinetics CSV."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Kinetics annotation file not found: {path}")
-    rows = []
-    with open(path, newline="") as f:
+    rows, columns = [], None
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for line, row in enumerate(csv.reader(f), start=1):
-            if not row or (line == 1 and row[0].strip() == "label"):
+            cells = [cell.strip() for cell in row]
+            if not any(cells):
                 continue
-            if len(row) not in (5, 6):
-                raise ValueError(f"{path}:{line}: expected label,youtube_id,time_start,time_end,split[,is_cc], "
-                                 f"got {','.join(row)!r}")
-            label, youtube_id, start, end = (x.strip() for x in row[:4])
+            if columns is None:
+                if "youtube_id" in cells:  # a header: columns by name, in any order
+                    columns = {name: i for i, name in enumerate(cells)}
+                    lacking = [c for c in ("youtube_id", "time_start", "time_end") if c not in columns]
+                    if lacking:
+                        raise ValueError(f"{path}:{line}: the header {','.join(row)!r} lacks {', '.join(lacking)}")
+                    width = len(cells)
+                    continue
+                if {"label", "time_start", "time_end", "split"} & set(cells):
+                    raise ValueError(f"{path}:{line}: the header {','.join(row)!r} lacks youtube_id")
+                if len(cells) not in KINETICS_COLUMNS:
+                    raise ValueError(f"{path}:{line}: expected label,youtube_id,time_start,time_end,split[,is_cc] "
+                                     f"or youtube_id,time_start,time_end,split, got {','.join(row)!r}")
+                width = len(cells)
+                columns = {name: i for i, name in enumerate(KINETICS_COLUMNS[width])}
+            if len(cells) != width:
+                raise ValueError(f"{path}:{line}: expected {width} columns as in {', '.join(columns)}, got "
+                                 f"{len(cells)}: {','.join(row)!r}")
+            youtube_id, start, end = (cells[columns[c]] for c in ("youtube_id", "time_start", "time_end"))
+            label = cells[columns["label"]] if "label" in columns else None
+            if not youtube_id or label == "":
+                raise ValueError(f"{path}:{line}: empty {'youtube_id' if not youtube_id else 'label'}: "
+                                 f"{','.join(row)!r}")
             try:
                 stem = f"{youtube_id}_{int(float(start)):06d}_{int(float(end)):06d}"
             except ValueError:
@@ -102,19 +174,27 @@ def _kinetics_rows(path: str) -> list[tuple[int, str, str]]:
 
 
 def read_kinetics(cfg, split: str, show_progress: bool = True) -> VideoDataset:
-    annotation = _resolve(cfg.root, getattr(cfg, f"{split}_list"))
+    annotation = _resolve_annotation(cfg.root, getattr(cfg, f"{split}_list"))
     rows = _kinetics_rows(annotation)
+    labelled = all(label is not None for _, label, _ in rows)
+    if not labelled and any(label is not None for _, label, _ in rows):  # pragma: no cover - one header per file
+        raise ValueError(f"{annotation}: some rows have labels and some do not")
     if cfg.labels_file:
         class_names = _class_names_from_file(_resolve(cfg.root, cfg.labels_file))
     elif cfg.train_list:
-        train_rows = rows if split == "train" else _kinetics_rows(_resolve(cfg.root, cfg.train_list))
+        train_file = _resolve_annotation(cfg.root, cfg.train_list)
+        train_rows = rows if train_file == annotation else _kinetics_rows(train_file)
+        if any(label is None for _, label, _ in train_rows):
+            raise ValueError(f"data.train_list {train_file} has no labels: the class names come from the training "
+                             f"list (or data.labels_file)")
         class_names = sorted({label for _, label, _ in train_rows})
     else:
         raise ValueError("kinetics needs data.train_list or data.labels_file to know the class names")
-    labels = _label_indices(annotation, [(line, label) for line, label, _ in rows], class_names)
+    labels = (_label_indices(annotation, [(line, label) for line, label, _ in rows], class_names) if labelled
+              else [-1] * len(rows))
 
-    folder = _kinetics_split_folder(cfg.root, split)
-    files = _index_video_files(folder)
+    folder = _kinetics_split_folder(cfg, split, annotation)
+    files = _index_video_files(folder, split)
     found, missing = [], []
     for (line, _, stem), label in zip(rows, labels):
         where = f"{annotation}:{line}"
@@ -124,17 +204,27 @@ def read_kinetics(cfg, split: str, show_progress: bool = True) -> VideoDataset:
             missing.append((os.path.join(folder, stem + ".mp4"), where))
     _handle_missing(cfg, annotation, missing)
     videos = _with_video_info(found, _read_manifest(os.path.join(folder, "manifest.csv")), show_progress)
-    return VideoDataset(videos, class_names, frames=False, missing=missing)
+    return VideoDataset(videos, class_names, frames=False, missing=missing, labelled=labelled, annotation=annotation)
 
 
-def _kinetics_split_folder(root: str, split: str) -> str:
-    for name in SPLIT_FOLDERS[split]:
-        if os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    return root
+def _kinetics_split_folder(cfg, split: str, annotation: str) -> str:
+    """data.<split>_folder when set (relative to root), else the first known folder of the annotation's split under
+    root (a test list named validate.csv reads val/, not test/), else root."""
+    chosen = getattr(cfg, f"{split}_folder", "")
+    if chosen:
+        folder = _resolve(cfg.root, chosen)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"data.{split}_folder: {folder} is not a folder")
+        return folder
+    stem = os.path.splitext(os.path.basename(annotation))[0].lower()
+    named = ANNOTATION_SPLITS.get(stem, split)
+    for name in SPLIT_FOLDERS[named]:
+        if os.path.isdir(os.path.join(cfg.root, name)):
+            return os.path.join(cfg.root, name)
+    return cfg.root
 
 
-def _index_video_files(folder: str) -> dict[str, str]:
+def _index_video_files(folder: str, split: str = "train") -> dict[str, str]:
     """File stem -> path of every video under `folder` (any depth, so `<label>/` sub-folders work too)."""
     files = {}
     for directory, _, names in os.walk(folder):
@@ -143,7 +233,8 @@ def _index_video_files(folder: str) -> dict[str, str]:
             if ext.lower() in VIDEO_EXTENSIONS:
                 path = os.path.join(directory, name)
                 if stem in files:
-                    raise ValueError(f"two videos named {stem}: {files[stem]} and {path}")
+                    raise ValueError(f"two videos named {stem}: {files[stem]} and {path} (raw and resized copies "
+                                     f"side by side? set data.{split}_folder to the folder to read)")
                 files[stem] = path
     return files
 
@@ -171,7 +262,7 @@ def read_video_list(cfg, split: str, show_progress: bool = True) -> VideoDataset
     missing = [(path, where) for path, _, where in missing]
     _handle_missing(cfg, annotation, missing)
     videos = _with_video_info(found, _read_manifest(os.path.join(cfg.root, "manifest.csv")), show_progress)
-    return VideoDataset(videos, class_names, frames=False, missing=missing)
+    return VideoDataset(videos, class_names, frames=False, missing=missing, annotation=annotation)
 
 
 def _list_class_names(labels: list[str]) -> list[str]:
@@ -213,55 +304,116 @@ def read_ssv2(cfg, split: str, show_progress: bool = True) -> VideoDataset:
 
     manifest = _read_manifest(os.path.join(cfg.root, "manifest.csv"))
     items = _load_json(annotation)
+    labelled = not items or any("template" in item for item in items if isinstance(item, dict))
     entries = []
     for number, item in enumerate(items, start=1):
-        where = f"{annotation}:item {number} (id {item.get('id')})"
-        if "id" not in item or "template" not in item:
-            raise ValueError(f"{where}: needs 'id' and 'template' (the SSv2 test split has no labels)")
+        ident = item.get("id") if isinstance(item, dict) else repr(item)
+        where = f"{annotation}:item {number} (id {ident})"
+        if not isinstance(item, dict) or "id" not in item or (labelled and "template" not in item):
+            raise ValueError(f"{where}: needs 'id' and 'template'" + ("" if labelled else " (or 'id' alone, as "
+                             "the unlabelled test split)"))
+        if not labelled:
+            entries.append((str(item["id"]), -1, where))
+            continue
         template = item["template"].replace("[", "").replace("]", "")
         if template not in template_to_index:
             raise ValueError(f"{where}: template {template!r} is not in {labels_path}")
         entries.append((str(item["id"]), template_to_index[template], where))
+    naming = _frame_naming_setting(cfg)
 
     def count(entry):
         video_id, _, where = entry
         folder = os.path.join(cfg.root, video_id)
         if video_id in manifest:
-            return _check_manifest_frames(folder, video_id, manifest[video_id].num_frames, where)
-        return _count_frames(folder, video_id, where)
+            fmt, start = _frame_format(naming or OUR_FRAMES, video_id)
+            return fmt, start, _check_manifest_frames(folder, fmt, start, manifest[video_id].num_frames, where)
+        return _count_frames(folder, video_id, where, naming)
 
     counts = _parallel(count, entries, "frame folders", show_progress)
     videos, missing = [], []
-    for (video_id, label, where), num_frames in zip(entries, counts):
+    for (video_id, label, where), (fmt, start, num_frames) in zip(entries, counts):
         folder = os.path.join(cfg.root, video_id)
         if num_frames:
-            videos.append(VideoRecord(folder, label, num_frames, 0.0, where, frame_prefix=video_id))
+            videos.append(VideoRecord(folder, label, num_frames, 0.0, where, frame_format=fmt, frame_start=start))
         else:
             missing.append((folder, where))
     _handle_missing(cfg, annotation, missing, what="empty or missing frame folder")
-    return VideoDataset(videos, class_names, frames=True, missing=missing)
+    return VideoDataset(videos, class_names, frames=True, missing=missing, labelled=labelled, annotation=annotation)
 
 
-def _count_frames(folder: str, video_id: str, where: str) -> int:
-    """Frames in an SSv2 folder (0 if missing or empty); an error if the numbering has a gap."""
+FRAME_FILE = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)\.(?P<ext>jpe?g)$", re.IGNORECASE)
+
+
+def _frame_naming_setting(cfg) -> tuple[str, int] | None:
+    """(template, first number) from data.frame_naming / data.frame_start, None for "auto" (detected per folder)."""
+    naming = getattr(cfg, "frame_naming", "auto")
+    if naming == "auto":
+        return None
+    return naming, max(0, getattr(cfg, "frame_start", 0))
+
+
+def _frame_format(naming: tuple[str, int], video_id: str) -> tuple[str, int]:
+    """A naming template ("{id}_{n:06d}.jpeg") for one folder: the str.format pattern of its frame numbers."""
+    template, start = naming
+    return template.replace("{id}", video_id.replace("{", "{{").replace("}", "}}")).replace("{n", "{"), start
+
+
+def _detect_naming(names: list[str], video_id: str, folder: str, where: str) -> tuple[str, int]:
+    """The naming of the frames in a folder: one prefix, one zero-padded width, one extension, numbered from 0 or
+    1; anything else is an error saying what was found."""
+    forms = {}
+    for name in names:
+        match = FRAME_FILE.match(name)
+        if match:
+            forms.setdefault((match["prefix"], match["ext"]), []).append(match["number"])
+    if len(forms) != 1:
+        sample = ", ".join(sorted(names)[:3])
+        raise ValueError(f"{where}: {folder} holds {len(names)} files ({sample}, ...) but no one frame naming "
+                         f"(<prefix><number>.jpg|.jpeg): set data.frame_naming (e.g. '{{id}}_{{n:06d}}.jpeg', "
+                         f"'img_{{n:05d}}.jpg') and data.frame_start")
+    (prefix, ext), numbers = next(iter(forms.items()))
+    padded = {len(d) for d in numbers if d.startswith("0") and len(d) > 1}
+    width = max(len(d) for d in numbers) if padded else 0
+    first = min(int(d) for d in numbers)
+    name = prefix.replace("{", "{{").replace("}", "}}") + ("{:0%dd}" % width if width else "{:d}") + "." + ext
+    if first not in (0, 1):
+        raise ValueError(f"{where}: the frames of {folder} are numbered from {first} ({name.format(first)}): set "
+                         f"data.frame_naming and data.frame_start={first}")
+    return name, first
+
+
+def _count_frames(folder: str, video_id: str, where: str, naming: tuple[str, int] | None) -> tuple[str, int, int]:
+    """(frame format, first number, frame count) of an SSv2 folder; count 0 if missing or empty. An error if the
+    numbering has a gap or the folder's files are not frames named as set or detected."""
     if not os.path.isdir(folder):
-        return 0
-    names = {name for name in os.listdir(folder) if name.endswith(".jpeg")}
-    for i in range(len(names)):
-        if f"{video_id}_{i:06d}.jpeg" not in names:
-            raise FileNotFoundError(f"{where}: frame {folder}/{video_id}_{i:06d}.jpeg is missing "
-                                    f"({len(names)} frames in the folder)")
-    return len(names)
+        return "", 0, 0
+    names = [name for name in os.listdir(folder) if not name.startswith(".")]
+    if not names:
+        return "", 0, 0
+    fmt, start = _frame_format(naming, video_id) if naming else _detect_naming(names, video_id, folder, where)
+    present = set(names)
+    count = sum(1 for name in names if FRAME_FILE.match(name))
+    if fmt.format(start) not in present:
+        found = ", ".join(sorted(names)[:3])
+        detected = _detect_naming(names, video_id, folder, where)
+        raise FileNotFoundError(f"{where}: {folder} has no {fmt.format(start)} (data.frame_naming "
+                                f"{naming[0]!r}, frame_start {naming[1]}); it holds {found}, ...: read with "
+                                f"data.frame_naming=auto (detected: {detected[0]} from {detected[1]})")
+    for i in range(count):
+        if fmt.format(i + start) not in present:
+            raise FileNotFoundError(f"{where}: frame {folder}/{fmt.format(i + start)} is missing "
+                                    f"({count} frames in the folder)")
+    return fmt, start, count
 
 
-def _check_manifest_frames(folder: str, video_id: str, num_frames: int, where: str) -> int:
+def _check_manifest_frames(folder: str, fmt: str, start: int, num_frames: int, where: str) -> int:
     """The manifest's frame count, once the folder is seen to hold its first and last frame (0 if the folder is
     gone). Two stats per video instead of a listing; a gap inside is reported when the frame is read."""
     if num_frames <= 0 or not os.path.isdir(folder):
         return 0
     for i in sorted({0, num_frames - 1}):
-        if not os.path.isfile(os.path.join(folder, f"{video_id}_{i:06d}.jpeg")):
-            raise FileNotFoundError(f"{where}: frame {folder}/{video_id}_{i:06d}.jpeg is missing (the manifest "
+        if not os.path.isfile(os.path.join(folder, fmt.format(i + start))):
+            raise FileNotFoundError(f"{where}: frame {folder}/{fmt.format(i + start)} is missing (the manifest "
                                     f"{os.path.dirname(folder)}/manifest.csv lists {num_frames} frames)")
     return num_frames
 

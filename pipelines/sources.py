@@ -146,7 +146,7 @@ class ClipSource:
     def _read_jpegs(self, video: VideoRecord, ids: np.ndarray) -> tuple:
         frames = []
         for i in ids:
-            path = os.path.join(video.path, f"{video.frame_prefix}_{int(i):06d}.jpeg")
+            path = video.frame_path(i)
             if not os.path.isfile(path):
                 # A gap in a frame folder is a broken dataset, not a bad video: stop, naming the file.
                 raise FileNotFoundError(f"missing frame {path} (listed at {video.where})")

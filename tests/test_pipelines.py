@@ -336,7 +336,7 @@ def test_ssv2_frames_match_pil(ssv2):
         for clip, index in zip(batch.clips, batch.index.tolist()):
             video = loader.dataset.videos[index]
             ids = sampling.ssv2_frame_indices(video.num_frames, 8, None)
-            expected = np.stack([np.asarray(Image.open(os.path.join(video.path, f"{video.frame_prefix}_{i:06d}.jpeg")))
+            expected = np.stack([np.asarray(Image.open(video.frame_path(i)))
                                  for i in ids])[:, :, 8:56]
             assert np.abs(pixels(clip, cfg) - expected).max() <= 2.01
             assert frame_numbers(clip, cfg) == ids.tolist()
