@@ -181,7 +181,7 @@ ENSEMBLES = ("sum_logits", "mean_softmax", "max")
 
 @dataclass
 class EvalConfig:
-    num_clips: int = 4  # temporal clips per video
+    num_clips: int = 1  # temporal clips per video: 1 x 3 crops, as the original code tests all six recipes
     num_crops: int = 3  # spatial crops per clip (1 = centre, 3 = left/centre/right along the long side)
     batch_size: int = 4  # videos per process per step (each brings num_clips x num_crops views)
     checkpoint: str = "last"  # last | best (chosen on data.val_list) | a path; the paper reports the last epoch

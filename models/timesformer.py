@@ -64,7 +64,7 @@ class KCenterTimeSformer(KCenterViT):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        for block in self.blocks:  # the temporal branch starts as a no-op (the original leaves block 0's random)
+        for block in self.blocks:  # the temporal branch starts as a no-op in every block, as the original's
             nn.init.zeros_(block.temporal_fc.weight)
             nn.init.zeros_(block.temporal_fc.bias)
 
