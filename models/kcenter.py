@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .kcenter_bound import lower_bound_summary
 
 try:  # the fused kernel is optional: only used on CUDA tensors when Triton imports
-    from .kcenter_triton import TRITON_AVAILABLE, CooperativeLaunchRefused, kcenter_sample_triton
+    from .kcenter_triton import TRITON_AVAILABLE, FusedKernelUnavailable, kcenter_sample_triton
 except ImportError:
     TRITON_AVAILABLE = False
 
@@ -41,8 +41,13 @@ _FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
 @torch.no_grad()
 def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
-                   generator: torch.Generator | None = None, groups: Tensor | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, groups: Tensor | None = None,
+                   num_groups: int | None = None) -> Tensor:
     """Greedy k-center (farthest-point) selection with Euclidean distance.
+
+    On CUDA the call does not wait for the GPU: a start given on the GPU is range-checked there (a device-side
+    assert), one given on the CPU (as `seeded_starts` makes it) travels through pinned memory, and the groups are
+    not counted when `num_groups` is given.
 
     Args:
         points: (B, N, D) finite float tensor (fp32 or bf16/fp16; distances are accumulated in fp32 or wider).
@@ -50,6 +55,9 @@ def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
         start: (B,) index of each item's first pick; drawn uniformly (with `generator`) when None.
         groups: optional (N,) integer group of each point, the same for every item: picking a point removes every
             point of its group (e.g. one patch per place of a segment). None: each point is its own group.
+        num_groups: the number of distinct values in `groups`, if the caller knows it; else counted, which waits
+            for the GPU when `groups` is on it (a caller that samples every step passes it, as
+            `KCenterTokenSampler` does).
 
     Returns:
         (B, k) int64 indices in the order chosen (column 0 == start). Each next pick is the point whose distance
@@ -68,18 +76,21 @@ def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
     start = torch.as_tensor(start)
     if start.shape != (B,) or start.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"start must be an integer tensor of shape ({B},), got {start.dtype} {tuple(start.shape)}")
-    if B and not (0 <= int(start.min()) and int(start.max()) < N):
-        raise ValueError(f"start indices must be in [0, {N}), got {start.tolist()}")
-    start = start.to(device=points.device, dtype=torch.int64)
+    if start.device.type == "cpu":
+        if B and not (0 <= int(start.min()) and int(start.max()) < N):
+            raise ValueError(f"start indices must be in [0, {N}), got {start.tolist()}")
+    else:  # int() of a GPU value waits for the GPU: checked there instead
+        torch._assert_async(((start >= 0) & (start < N)).all(), f"start indices must be in [0, {N})")
+    start = _to_device(start.long(), points.device)
     if groups is not None:
         groups = torch.as_tensor(groups)
         if groups.shape != (N,) or groups.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"groups must be an integer tensor of shape ({N},), got {groups.dtype} "
                              f"{tuple(groups.shape)}")
-        num_groups = len(torch.unique(groups))
+        num_groups = len(torch.unique(groups)) if num_groups is None else num_groups
         if k > num_groups:
             raise ValueError(f"k={k} picks cannot come from {num_groups} groups (one per group)")
-        groups = groups.to(device=points.device, dtype=torch.int64)
+        groups = _to_device(groups.long(), points.device)
     if B == 0:
         return torch.empty(0, k, dtype=torch.int64, device=points.device)
     # distances in fp32 or wider whatever autocast is active around the model (bf16 would change the picks)
@@ -89,19 +100,28 @@ def kcenter_sample(points: Tensor, k: int, start: Tensor | None = None,
         return _kcenter_cpu(points.float(), k, start, groups)
 
 
-_fused_kernel_refused = False  # set once the driver refused the kernel's cooperative launch in this process
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """`t` on `device`; from the CPU to a GPU through pinned memory, so the copy does not wait for the GPU's queue
+    (a copy from pageable memory does)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_warned_causes: set[str] = set()  # why the fused kernel could not serve a call, each warned about once
 
 
 def _kcenter_cuda(points: Tensor, k: int, start: Tensor, groups: Tensor | None = None) -> Tensor:
-    """The fused kernel where Triton is there (KCENTER_TRITON=0 turns it off), else the batched loop; also the
-    batched loop, with a warning, once the GPU could not hold the kernel's grid at once (same picks, slower)."""
-    global _fused_kernel_refused
-    if TRITON_AVAILABLE and not _fused_kernel_refused and os.environ.get("KCENTER_TRITON", "1") != "0":
+    """The fused kernel where Triton is there (KCENTER_TRITON=0 turns it off), else the batched loop. A call the
+    kernel cannot serve (the driver refused its grid, Triton could not build its launcher) takes the batched loop
+    too (same picks, slower), with a warning once per cause; the kernel decides whether later calls try again."""
+    if TRITON_AVAILABLE and os.environ.get("KCENTER_TRITON", "1") != "0":
         try:
             return kcenter_sample_triton(points, k, start, groups=groups)
-        except CooperativeLaunchRefused as e:
-            _fused_kernel_refused = True
-            log.warning("%s; the K-center sampler uses its PyTorch loop from now on", e)
+        except FusedKernelUnavailable as e:
+            if e.cause not in _warned_causes:
+                _warned_causes.add(e.cause)
+                log.warning("%s; %s", e, e.fallback)
     return _kcenter_batched(points.float(), k, start, groups)
 
 
@@ -455,8 +475,10 @@ class KCenterTokenSampler(nn.Module):
                 start = torch.as_tensor(start).reshape(-1)
             elif seeds is not None:
                 start = self.run_starts(seeds)
+            # a pick removes its place: per_frame groups, known here, so not counted (on the GPU) at every call
+            groups, num_groups = (self.run_places, per_frame) if self.one_per_place else (None, None)
             picks = kcenter_sample(torch.cat([pixels, coords], dim=-1), self.picks_per_run, start, generator,
-                                   groups=self.run_places if self.one_per_place else None)  # (B*R, q)
+                                   groups=groups, num_groups=num_groups)  # (B*R, q)
             if self.sort_by_place:
                 picks = picks.gather(1, (picks % per_frame).sort(dim=1, stable=True).indices)
             run_index = flat_index[self.run_frames].flatten(1)  # (R, N) index in the whole clip of each candidate

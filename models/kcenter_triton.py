@@ -3,11 +3,13 @@
 The PyTorch loop pays several kernel launches per pick; at the paper's setting (B=8 clips, 5684 candidates of 771
 values, 980 picks) that is ~4k launches. Here one launch does every pick:
 
-- grid (B, P): program (b, p) owns rows [p*S, (p+1)*S) of clip b and keeps their running min-distance. P is
-  chosen so that B*P programs are resident at once (at most one per SM), because
+- grid (B, P): program (b, p) owns rows [p*S, (p+1)*S) of clip b and keeps their running min-distance. P aims at
+  one program per SM over the batch (`plan_parts`), and never more than the GPU holds at once, because
 - after each pick the P programs of a clip publish their slice's (best value, index) and meet at a barrier on an
   atomic counter; each then reduces the P partials itself (ties to the lowest index), so all agree on the next
-  pick without a second launch.
+  pick without a second launch. With P > 1 the grid is launched cooperative: the driver either holds every
+  program at once or refuses (the caller then takes the PyTorch loop for that call). With P = 1 no program waits
+  for another, so the launch is a plain one, of any size.
 - Most rows are never read in full: a point's min-distance changes only if the new center is nearer than it. The
   group means of the coordinates give an exact lower bound (models/kcenter_bound.py), kept in a small (B, N, R)
   summary, R ~ D/64. A row whose bound is already beyond its min-distance is skipped; only the others stream
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import traceback
 
 import torch
 from torch import Tensor
@@ -39,14 +43,138 @@ except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     TRITON_AVAILABLE = False
 
 BLOCK_N, BLOCK_D = 64, 64
+NUM_WARPS = 4
 
 
-def default_parts(batch: int, n: int, device: torch.device) -> int:
-    """Programs per clip: every SM busy, all programs resident (the barrier needs it), >= BLOCK_N rows each."""
+class FusedKernelUnavailable(RuntimeError):
+    """The fused kernel cannot serve this call; the caller takes its PyTorch loop (same picks, slower).
+
+    `cause` names why, in a form that is the same from call to call (for a warning once per cause)."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+class CooperativeLaunchRefused(FusedKernelUnavailable):
+    """The driver would not hold the grid at once (other work holds SMs, MPS with an SM limit, a capacity estimate
+    off): this call only; the next one tries the kernel again."""
+
+    fallback = "this call takes the PyTorch loop (same picks, slower); the next call tries the kernel again"
+
+
+class LauncherBuildFailed(FusedKernelUnavailable):
+    """Triton could not build or load its C launcher (no C compiler, no Python.h, no libcuda.so found): for the rest
+    of the process, since the toolchain does not appear mid-run and a retry would run the compiler at every step."""
+
+    fallback = "every call of this process takes the PyTorch loop (same picks, slower)"
+
+
+_launcher_failure: LauncherBuildFailed | None = None  # set once Triton failed to build its launcher in this process
+
+# The exceptions Triton's launcher build raises (`_build_failure`): RuntimeError (no C compiler found),
+# CalledProcessError (the compiler failed, e.g. no Python.h), FileNotFoundError (CC names no program, no ldconfig),
+# ImportError (the built module does not load), AssertionError (libcuda.so.1 not found).
+_BUILD_ERRORS = (RuntimeError, OSError, ImportError, AssertionError, subprocess.SubprocessError)
+_BUILD_FUNCTIONS = {"compile_module_from_src", "compile_module_from_file", "libcuda_dirs", "library_dirs"}
+
+
+def _build_failure(e: BaseException) -> bool:
+    """Whether `e` came out of Triton's build of its C launcher, not out of the kernel or our arguments.
+
+    Decided by where it was raised, not by its message: a frame in triton/runtime/build.py (compiler lookup, the
+    compiler run, loading the built module) or in the backend's module build and libcuda search (the functions in
+    `_BUILD_FUNCTIONS`; Triton versions differ in which file holds them). A ValueError from an argument check, or a
+    CUDA error from the kernel itself, is none of these and is raised as it is."""
+    if not isinstance(e, _BUILD_ERRORS):
+        return False
+    while e is not None:  # the error itself, or one it was raised from or while handling
+        for frame, _ in traceback.walk_tb(e.__traceback__):
+            code = frame.f_code
+            path = code.co_filename.replace(os.sep, "/")
+            if path.endswith("triton/runtime/build.py") or ("/triton/" in path and code.co_name in _BUILD_FUNCTIONS):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def resident_programs(*, sms: int, regs_per_thread: int, num_warps: int, shared_per_block: int,
+                      regs_per_sm: int = 65536, threads_per_sm: int = 2048, shared_per_sm: int = 0,
+                      max_blocks_per_sm: int = 16, warp_size: int = 32) -> int:
+    """How many programs of one kernel the GPU holds at once, as CUDA's occupancy calculator counts them.
+
+    Args:
+        regs_per_thread: the compiled kernel's register count (n_regs).
+        shared_per_block: its shared memory in bytes (metadata.shared); 1 KB more per block is reserved by CUDA
+            (sm_80 and later).
+        shared_per_sm: shared memory of an SM in bytes; 0: unknown, not a limit.
+        max_blocks_per_sm: 16 or 32 on sm_75..sm_90; with 4 warps the thread limit binds first anyway.
+    """
+    warp_regs = -(-regs_per_thread * warp_size // 256) * 256  # registers are given to a warp 256 at a time
+    per_sm = [regs_per_sm // warp_regs // num_warps, threads_per_sm // (num_warps * warp_size), max_blocks_per_sm]
+    if shared_per_sm:
+        per_sm.append(shared_per_sm // (shared_per_block + 1024))
+    return sms * max(0, min(per_sm))
+
+
+def plan_parts(batch: int, n: int, *, sms: int, resident: int | None = None) -> int:
+    """Programs per clip: one program per SM over the batch, at most `resident` in all, >= BLOCK_N rows each.
+
+    The result is already rounded to whole slices of BLOCK_N rows (no program without rows). It is 1 when the batch
+    has at least as many clips as there are SMs or programs that fit: a launch of one program per clip needs no
+    co-residency, so it is a plain launch and takes any batch.
+
+    A batch is not cut into chunks launched one after another with more programs per clip each. In total the chunks
+    stream the same B*N rows over the same SMs as one launch does, plus one launch and k barrier rounds per chunk;
+    they can win only on rounding, where SMs / B falls just short of an integer (70 clips on 132 SMs: one launch of
+    70 programs, where two chunks of 35 clips x 3 programs would keep 105 SMs busy). That has not been measured on a
+    GPU (bench/bench_sampler.py would show it), so the plan stays one launch; it is this function to change.
+    """
+    target = sms if resident is None else min(sms, resident)
+    parts = max(1, min(target // max(batch, 1), triton.cdiv(n, BLOCK_N)))
+    return triton.cdiv(n, _slice_len(n, parts))
+
+
+def _slice_len(n: int, parts: int) -> int:
+    return triton.cdiv(triton.cdiv(n, parts), BLOCK_N) * BLOCK_N
+
+
+def _resident_programs_of(kernel, device: torch.device) -> int:
+    """`resident_programs` of a compiled kernel on `device`. Attributes are read with getattr: Triton 3.x fills
+    n_regs (and n_spills) when the kernel is loaded (`_init_handles`) and keeps the shared memory in
+    metadata.shared (`shared` in older versions). A register count that cannot be read is taken as 255, the most a
+    thread can have, so the estimate errs towards fewer programs."""
+    init = getattr(kernel, "_init_handles", None)
+    if init is not None:
+        init()
+    regs = getattr(kernel, "n_regs", None) or 255
+    shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+    shared = shared if shared is not None else getattr(kernel, "shared", 0)
+    props = torch.cuda.get_device_properties(device)
+    return resident_programs(sms=props.multi_processor_count, regs_per_thread=regs, num_warps=NUM_WARPS,
+                             shared_per_block=shared or 0,
+                             regs_per_sm=getattr(props, "regs_per_multiprocessor", None) or 65536,
+                             threads_per_sm=getattr(props, "max_threads_per_multi_processor", None) or 2048,
+                             shared_per_sm=getattr(props, "shared_memory_per_multiprocessor", None) or 0,
+                             warp_size=getattr(props, "warp_size", None) or 32)
+
+
+def default_parts(batch: int, n: int, device: torch.device, compile_for=None) -> int:
+    """`plan_parts` for this GPU and kernel; 1 under the interpreter or off CUDA.
+
+    compile_for(parts) compiles (without launching) the kernel a grid of that many parts runs: the register count
+    that bounds the programs held at once is the compiled kernel's, and it may differ with the parts (BLOCK_P is a
+    constant of the kernel). So the plan is checked against the kernel it launches, narrowing until it fits."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(sms // max(batch, 1), triton.cdiv(n, BLOCK_N)))
+    parts = plan_parts(batch, n, sms=sms)
+    while parts > 1 and compile_for is not None:
+        fitting = plan_parts(batch, n, sms=sms, resident=_resident_programs_of(compile_for(parts), device))
+        if fitting >= parts:  # only ever narrowed: a narrower grid's kernel may hold fewer registers, not more
+            break
+        parts = fitting
+    return parts
 
 
 @torch.no_grad()
@@ -58,47 +186,66 @@ def kcenter_sample_triton(points: Tensor, k: int, start: Tensor, parts: int | No
         points: (B, N, D) fp32/bf16/fp16, CUDA (or CPU under TRITON_INTERPRET=1).
         start: (B,) first pick of each clip.
         groups: optional (N,) group of each point: a pick removes its group (the same for every clip).
-        parts: programs per clip (default: fill the GPU; 1 under the interpreter).
+        parts: programs per clip (default: `default_parts`; 1 under the interpreter).
         stats: optional (B,) int64 tensor; receives the number of rows whose full distance was computed.
     Returns:
         (B, k) int64 picks in the order chosen.
+    Raises:
+        CooperativeLaunchRefused, LauncherBuildFailed (both FusedKernelUnavailable): the caller falls back.
     """
+    if _launcher_failure is not None:
+        raise LauncherBuildFailed(str(_launcher_failure), _launcher_failure.cause)
     B, N, D = points.shape
+    if parts is not None and not 1 <= parts <= N:
+        raise ValueError(f"parts must be in [1, N={N}], got {parts}")
     x = points.contiguous()
     summary = lower_bound_summary(x)
-    parts = parts or default_parts(B, N, x.device)
-    if not 1 <= parts <= N:
-        raise ValueError(f"parts must be in [1, N={N}], got {parts}")
-    slice_len = triton.cdiv(triton.cdiv(N, parts), BLOCK_N) * BLOCK_N
-    parts = triton.cdiv(N, slice_len)  # no program without rows
-    block_p = triton.next_power_of_2(parts)
     picks = torch.empty(B, k, dtype=torch.int64, device=x.device)
     picks[:, 0] = start
     min_dist = torch.full((B, N), math.inf, dtype=torch.float32, device=x.device)
-    partial_val = torch.empty(B, 2, block_p, dtype=torch.float32, device=x.device)
-    partial_idx = torch.empty(B, 2, block_p, dtype=torch.int32, device=x.device)
     arrivals = torch.zeros(B, dtype=torch.int32, device=x.device)
     full_rows = stats if stats is not None else torch.zeros(B, dtype=torch.int64, device=x.device)
+    start32 = start.to(device=x.device, dtype=torch.int32)
     group_of = (groups if groups is not None else start).to(device=x.device, dtype=torch.int32)  # unread if None
+
+    def launch(parts: int, warmup: bool = False):
+        """Launches (or only compiles, with `warmup`) the grid of `parts` programs per clip (already rounded)."""
+        block_p = triton.next_power_of_2(parts)
+        partial_val = torch.empty(B, 2, block_p, dtype=torch.float32, device=x.device)
+        partial_idx = torch.empty(B, 2, block_p, dtype=torch.int32, device=x.device)
+        args = (x, summary, start32, picks, min_dist, partial_val, partial_idx, arrivals, full_rows, group_of, N,
+                D, k, _slice_len(N, parts), parts)
+        options = dict(R=summary.shape[-1], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_P=block_p, SLACK=SLACK,
+                       COUNT_ROWS=stats is not None, HAS_GROUPS=groups is not None, num_warps=NUM_WARPS)
+        if parts > 1:  # the barrier needs every program of the grid resident at once
+            options["launch_cooperative_grid"] = True
+        if warmup:
+            return _kcenter_kernel.warmup(*args, grid=(B, parts), **options)
+        return _kcenter_kernel[(B, parts)](*args, **options)
+
     try:
-        # cooperative: the driver guarantees that every program of the grid is resident at once (the barrier spins
-        # until all have arrived), or refuses the launch, e.g. under MPS with an SM limit or beside a persistent
-        # kernel, instead of letting the barrier wait forever
-        _kcenter_kernel[(B, parts)](
-            x, summary, start.to(device=x.device, dtype=torch.int32), picks, min_dist, partial_val, partial_idx,
-            arrivals, full_rows, group_of, N, D, k, slice_len, parts, R=summary.shape[-1], BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, BLOCK_P=block_p, SLACK=SLACK, COUNT_ROWS=stats is not None, HAS_GROUPS=groups is not None,
-            num_warps=4, launch_cooperative_grid=True)
-    except RuntimeError as e:
-        if "cooperative" not in str(e).lower():
-            raise
-        raise CooperativeLaunchRefused(f"the driver refused the fused K-center kernel's cooperative launch of "
-                                       f"{B} x {parts} programs: {e}") from e
+        if parts is None:
+            parts = default_parts(B, N, x.device, compile_for=lambda p: launch(p, warmup=True))
+        parts = triton.cdiv(N, _slice_len(N, parts))  # no program without rows
+        launch(parts)
+    except _BUILD_ERRORS as e:
+        if _build_failure(e):
+            raise _launcher_build_failed(e) from e
+        refused = parts is not None and parts > 1 and isinstance(e, RuntimeError) and "cooperative" in str(e).lower()
+        if refused:
+            raise CooperativeLaunchRefused(f"the driver refused the fused K-center kernel's cooperative launch of "
+                                           f"{B} x {parts} programs: {e}", cause=str(e)) from e
+        raise
     return picks
 
 
-class CooperativeLaunchRefused(RuntimeError):
-    """The GPU cannot hold the kernel's whole grid at once (other work holds SMs): callers fall back."""
+def _launcher_build_failed(e: BaseException) -> LauncherBuildFailed:
+    """The LauncherBuildFailed for `e`, remembered: later calls fall back without running the compiler again."""
+    global _launcher_failure
+    cause = f"{type(e).__name__}: {e}"
+    _launcher_failure = LauncherBuildFailed(f"Triton could not build the fused K-center kernel's launcher ({cause})",
+                                            cause=cause)
+    return _launcher_failure
 
 
 @torch.no_grad()

@@ -286,3 +286,30 @@ def test_groups_validated():
         kcenter_sample(points, 5, torch.tensor([0]), groups=torch.arange(8) % 4)
     with pytest.raises(ValueError, match="groups must be an integer tensor of shape"):
         kcenter_sample(points, 2, torch.tensor([0]), groups=torch.arange(7))
+
+
+def test_group_count_given_is_not_counted_again(monkeypatch):
+    """`num_groups` stands for the count, which on the GPU would wait for torch.unique; the check still holds."""
+    def no_count(*args, **kwargs):
+        raise AssertionError("groups counted although num_groups was given")
+
+    monkeypatch.setattr(torch, "unique", no_count)
+    points = torch.randn(1, 8, 3)
+    groups = torch.arange(8) % 4
+    with pytest.raises(ValueError, match="k=5 picks cannot come from 4 groups"):
+        kcenter_sample(points, 5, torch.tensor([0]), groups=groups, num_groups=4)
+    assert torch.equal(kcenter_sample(points, 4, torch.tensor([0]), groups=groups, num_groups=4),
+                       reference_kcenter(points, 4, torch.tensor([0]), groups))
+
+
+def test_token_sampler_passes_its_group_count(monkeypatch):
+    """One pick per place: the sampler knows there are grid*grid places and says so, so no call counts them."""
+    def no_count(*args, **kwargs):
+        raise AssertionError("the sampler's groups were counted")
+
+    monkeypatch.setattr(torch, "unique", no_count)
+    sampler = make_sampler(num_hybrid_frames=0, num_tokens=64, num_segments=4, one_per_place=True)  # 4 runs x 16
+    clip = torch.randn(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(9))
+    _, t_index, s_index = sampler(clip, start=torch.arange(8) * 3)
+    for run in s_index.view(2, 4, 16):  # every place once in each run
+        assert all(sorted(places) == list(range(16)) for places in run.tolist())
