@@ -59,22 +59,18 @@ def frame_indices(cfg, num_frames: int, fps: float) -> np.ndarray:
 
 
 def test_views(frames: np.ndarray, cfg, device: torch.device) -> torch.Tensor:
-    """(clips*T, H, W, 3) uint8 -> (V, C, T, S, S) normalised views: short side resized to S (bilinear, no
-    antialiasing, as the pipelines), crops at the start, centre and end of the long side (or the centre)."""
+    """(clips*T, H, W, 3) uint8 -> (V, C, T, S, S) normalised views, those of eval.py's test graph: short side
+    resized to S (bilinear, no antialiasing, as the pipelines), crops at the start, centre and end of the long side
+    (or the centre), both as sampling.view_geometry places them."""
     size, T = cfg.data.crop_size, cfg.data.num_frames
     clip = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
-    H, W = clip.shape[-2:]
-    scale = size / min(H, W)
-    clip = F.interpolate(clip, size=(max(size, round(H * scale)), max(size, round(W * scale))), mode="bilinear",
-                         align_corners=False, antialias=False)
-    H, W = clip.shape[-2:]
-    positions = (0.0, 0.5, 1.0) if cfg.eval.num_crops == 3 else (0.5,)
+    resized, offsets = sampling.view_geometry(*clip.shape[-2:], size, cfg.eval.num_crops)
+    clip = F.interpolate(clip, size=resized, mode="bilinear", align_corners=False, antialias=False)
     mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1) * 255
     views = []
     for c in range(len(frames) // T):
-        for p in positions:
-            y, x = round(p * (H - size)), round(p * (W - size))
+        for y, x in offsets:
             crop = (clip[c * T:(c + 1) * T, :, y:y + size, x:x + size] - mean) / std  # (T, 3, S, S)
             views.append(crop.permute(1, 0, 2, 3))
     return torch.stack(views)  # clip-major, like the test pipeline

@@ -17,6 +17,7 @@ from nvidia.dali.auto_aug import augmentations as aug
 from nvidia.dali.auto_aug.core import augmentation, signed_bin
 from nvidia.dali.auto_aug.core._select import select  # DALI's own op switch (used by its rand_augment)
 
+from pipelines import sampling
 from pipelines.sampling import RandAugmentSpec
 from pipelines.sources import ClipSource, ClipSpec
 
@@ -61,23 +62,13 @@ def decode_clip(sample: dict, spec: ClipSpec):
 
 
 def resized_size(clip, scale):
-    """(H, W, new H, new W) as float64 nodes: the original's short-side resize (transform.short_side_scale_jitter)
-    takes the short side to `scale` and the long one to floor(long / short * scale), computed in float64 as Python
-    does (DALI's own `resize_shorter` rounds the long side instead)."""
+    """(H, W, new H, new W) as float64 nodes: the original's short-side resize (see sampling.short_side_size)."""
     shape = clip.shape(dtype=types.FLOAT64)  # (F, H, W, C)
     h, w = shape[1], shape[2]
     scale = fn.cast(scale, dtype=types.FLOAT64) if isinstance(scale, DataNode) else float(scale)
-    portrait = fn.cast(w < h, dtype=types.FLOAT64)
-    new_h = portrait * dmath.floor(h / w * scale) + (1 - portrait) * scale
-    new_w = (1 - portrait) * dmath.floor(w / h * scale) + portrait * scale
+    new_h, new_w = sampling.short_side_size(h, w, scale, floor=dmath.floor,
+                                            to_float=lambda node: fn.cast(node, dtype=types.FLOAT64))
     return h, w, new_h, new_w
-
-
-def crop_offsets(new_h, new_w, size, pos_x, pos_y, rounding):
-    """(top, left) of a size x size window at relative position (pos_x, pos_y) of the free space: `dmath.floor` with
-    positions drawn uniformly in [0, 1) gives the original's randint(0, free) (random_crop); `dmath.ceil` with 0, 0.5
-    and 1 its start, centre (ceil(free / 2)) and end crops (uniform_crop)."""
-    return rounding(pos_y * (new_h - size)), rounding(pos_x * (new_w - size))
 
 
 def bilinear(clip, **kwargs):
@@ -86,12 +77,12 @@ def bilinear(clip, **kwargs):
 
 
 def resized_crop(clip, size, scale, pos_x, pos_y, mirror=None, rounding=dmath.floor):
-    """(F, size, size, 3) float32 in 0..255: the window at (pos_x, pos_y) (see crop_offsets) of the frames resized to
-    short side `scale` (see resized_size), flipped left-right where `mirror` is 1. One resampling of the window only
-    (a region of interest of the source frames): the same values as resizing whole frames, cropping and flipping, at
-    a fraction of the work; unrounded, as the original resizes floats."""
+    """(F, size, size, 3) float32 in 0..255: the window at (pos_x, pos_y) (see sampling.crop_offsets) of the frames
+    resized to short side `scale` (see resized_size), flipped left-right where `mirror` is 1. One resampling of the
+    window only (a region of interest of the source frames): the same values as resizing whole frames, cropping and
+    flipping, at a fraction of the work; unrounded, as the original resizes floats."""
     h, w, new_h, new_w = resized_size(clip, scale)
-    top, left = crop_offsets(new_h, new_w, size, pos_x, pos_y, rounding)
+    top, left = sampling.crop_offsets(new_h, new_w, size, pos_x, pos_y, rounding)
     y0, y1 = top * (h / new_h), (top + size) * (h / new_h)
     x0, x1 = left * (w / new_w), (left + size) * (w / new_w)
     if mirror is not None:  # a region that ends left of where it starts is read flipped
@@ -110,9 +101,9 @@ def short_side_resize(clip, scale):
 
 
 def crop(clip, size, pos_x, pos_y, rounding):
-    """(F, size, size, 3): the window at (pos_x, pos_y) of already resized frames (see crop_offsets)."""
+    """(F, size, size, 3): the window at (pos_x, pos_y) of already resized frames (see sampling.crop_offsets)."""
     shape = clip.shape(dtype=types.FLOAT64)
-    top, left = crop_offsets(shape[1], shape[2], size, pos_x, pos_y, rounding)
+    top, left = sampling.crop_offsets(shape[1], shape[2], size, pos_x, pos_y, rounding)
     return fn.slice(clip, start=fn.cast(fn.stack(top, left), dtype=types.INT32), shape=[size, size], axis_names="HW")
 
 
@@ -191,7 +182,7 @@ def uniform_crops(clip, spec: ClipSpec):
     """(V, C, T, S, S) views of a clip resized to short side S: for each temporal clip, crops at the start,
     centre and end of the long side (or the centre only), clip-major."""
     size = spec.crop_size
-    positions = (0.0, 0.5, 1.0) if spec.num_crops == 3 else (0.5,)
+    positions = sampling.TEST_CROP_POSITIONS[spec.num_crops]  # as predict.py's (sampling.view_geometry)
     views = [normalize(crop(clip, size, p, p, dmath.ceil), spec) for p in positions]  # each (C, N*T, S, S)
     n, t, k = spec.num_clips, spec.num_frames, len(positions)
     views = fn.reshape(fn.stack(*views), shape=[k, 3, n, t, size, size])

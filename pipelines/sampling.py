@@ -1,4 +1,5 @@
-"""Everything random in the data path, as pure functions of (seed, epoch, video index).
+"""Everything random in the data path, as pure functions of (seed, epoch, video index), and the spatial geometry of
+the views (shared by the graphs and predict.py).
 
 The sources call these in worker processes; nothing here depends on DALI's RNG, worker timing or the order in
 which samples are produced, so a resumed run (start_epoch, start_batch) gets exactly the batches it would have
@@ -212,3 +213,44 @@ def rand_augment_choices(seed: int, epoch: int, index: int, spec: RandAugmentSpe
     bins = np.round(magnitudes / 10.0 * (RandAugmentSpec.MAGNITUDE_BINS - 1))
     signs = rng.uniform(size=n) < 0.5
     return (np.where(applied, ops, identity).astype(np.int32), bins.astype(np.int32), signs.astype(np.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spatial geometry of the views
+#
+# Written once for two callers: the DALI graphs (graphs.py), where a frame's size is only known once it is decoded, so
+# these run on per-sample nodes, and predict.py, which builds the test views in torch from Python ints. `floor`,
+# `ceil` and `to_float` are math's and float, or nvidia.dali.math's and a cast to float64; a choice between two
+# values is a blend with a 0/1 factor, which DALI's arithmetic can express.
+
+TEST_CROP_POSITIONS = {1: (0.5,), 3: (0.0, 0.5, 1.0)}  # along the free space: the centre, or start, centre and end
+
+
+def short_side_size(height, width, scale, floor=math.floor, to_float=float):
+    """(new H, new W) as floats (float64 nodes for nodes): the original's short-side resize
+    (transform.short_side_scale_jitter) takes the short side to `scale` and the long one to
+    floor(long / short * scale), computed in float64 as Python does (DALI's own `resize_shorter` rounds it instead).
+
+    Unlike the original, a frame whose short side already is `scale` goes through the same rule (the original leaves
+    it as it is): the same size, except where floating point puts long / short * short just below the long side
+    (short side 224 and long side 230, 237, ...: one column less).
+    """
+    portrait = to_float(width < height)
+    return (portrait * floor(height / width * scale) + (1 - portrait) * scale,
+            (1 - portrait) * floor(width / height * scale) + portrait * scale)
+
+
+def crop_offsets(new_h, new_w, size, pos_x, pos_y, rounding):
+    """(top, left) of a size x size window at relative position (pos_x, pos_y) of the free space of a new_h x new_w
+    frame: `floor` with positions drawn uniformly in [0, 1) gives the original's randint(0, free) (random_crop);
+    `ceil` with 0, 0.5 and 1 its start, centre (ceil(free / 2)) and end crops (uniform_crop)."""
+    return rounding(pos_y * (new_h - size)), rounding(pos_x * (new_w - size))
+
+
+def view_geometry(height: int, width: int, size: int, num_crops: int) -> tuple[tuple[int, int], list]:
+    """The test views of a height x width frame, as the test graph takes them: the resized (H, W) (short side to
+    `size`) and the (top, left) of each of its `num_crops` size x size crops (TEST_CROP_POSITIONS, along both sides:
+    the short one has no free space)."""
+    new_h, new_w = short_side_size(height, width, size)
+    offsets = [crop_offsets(new_h, new_w, size, p, p, math.ceil) for p in TEST_CROP_POSITIONS[num_crops]]
+    return (int(new_h), int(new_w)), [(int(top), int(left)) for top, left in offsets]
