@@ -229,15 +229,14 @@ TEST_CROP_POSITIONS = {1: (0.5,), 3: (0.0, 0.5, 1.0)}  # along the free space: t
 def short_side_size(height, width, scale, floor=math.floor, to_float=float):
     """(new H, new W) as floats (float64 nodes for nodes): the original's short-side resize
     (transform.short_side_scale_jitter) takes the short side to `scale` and the long one to
-    floor(long / short * scale), computed in float64 as Python does (DALI's own `resize_shorter` rounds it instead).
-
-    Unlike the original, a frame whose short side already is `scale` goes through the same rule (the original leaves
-    it as it is): the same size, except where floating point puts long / short * short just below the long side
-    (short side 224 and long side 230, 237, ...: one column less).
-    """
+    floor(long / short * scale), computed in float64 as Python does (DALI's own `resize_shorter` rounds it instead),
+    and leaves a frame whose short side already is `scale` as it is (where floating point would otherwise put
+    long / short * short just below the long side: short side 224 and long side 230, 237, ...)."""
     portrait = to_float(width < height)
-    return (portrait * floor(height / width * scale) + (1 - portrait) * scale,
-            (1 - portrait) * floor(width / height * scale) + portrait * scale)
+    keep = to_float(portrait * width + (1 - portrait) * height == scale)
+    new_h = portrait * floor(height / width * scale) + (1 - portrait) * scale
+    new_w = (1 - portrait) * floor(width / height * scale) + portrait * scale
+    return keep * height + (1 - keep) * new_h, keep * width + (1 - keep) * new_w
 
 
 def crop_offsets(new_h, new_w, size, pos_x, pos_y, rounding):

@@ -35,7 +35,9 @@ SIZES = [(340, 256), (1280, 720)]
 def original_geometry(height: int, width: int, size: int, num_crops: int) -> tuple[tuple[int, int], list]:
     """The original's resized (H, W) (transform.short_side_scale_jitter) and its crops' (top, left) (uniform_crop
     with spatial_idx 0, 1, 2 along the long side, or 1), written out independently of sampling.py."""
-    if width < height:
+    if min(height, width) == size:  # left as it is
+        new_h, new_w = height, width
+    elif width < height:
         new_h, new_w = math.floor(height / width * size), size
     else:
         new_h, new_w = size, math.floor(width / height * size)
@@ -50,7 +52,8 @@ def original_geometry(height: int, width: int, size: int, num_crops: int) -> tup
 
 # (height, width) of frames: landscape and portrait, long sides where floor and round differ, square, odd free space
 FRAME_SIZES = [(256, 340), (340, 256), (720, 1280), (1280, 720), (240, 320), (256, 455), (331, 224), (224, 224),
-               (225, 224), (360, 480), (1080, 1920), (101, 777)]
+               (225, 224), (360, 480), (1080, 1920), (101, 777), (224, 237), (230, 224)]  # the last two: short
+# side already the crop size, where the floor rule alone would lose a column
 
 
 @pytest.mark.parametrize("num_crops", [1, 3])
