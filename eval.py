@@ -80,15 +80,16 @@ def score_videos(model, loader, device, amp_dtype, rank: int, cfg: Config, ensem
     with torch.no_grad():
         for batch in tqdm(loader, desc="test", disable=rank != 0, dynamic_ncols=True):
             B, V = batch.clips.shape[:2]
-            if B == 0:
+            if B == 0:  # nothing to score, and fused attention kernels reject a batch of 0
                 continue
             views = batch.clips.flatten(0, 1)  # (B*V, C, T, H, W)
             seeds = view_seeds(cfg.train.seed, batch.index, V)
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                 logits = model(views, seeds=seeds)
+            # one copy to the host a batch for the scores and one for the labels (an int() a video would be one each)
             scores = aggregate_views(logits.float().view(B, V, -1), ensemble).cpu().numpy()
-            for i, index in enumerate(batch.index.tolist()):
-                results[index] = (int(batch.labels[i]), scores[i])
+            for index, label, video_scores in zip(batch.index.tolist(), batch.labels.tolist(), scores):
+                results[index] = (label, video_scores)
             if save_patches and drawn < 8:
                 drawn += draw_first_views(model, batch, seeds.view(B, V), save_patches, cfg, limit=8 - drawn)
     return results

@@ -1,4 +1,6 @@
-"""What train.py and eval.py share: the command line, processes and devices, determinism, checkpoints.
+"""What train.py and eval.py share: the command line, processes and devices, determinism, checkpoints; and the module
+DDP wraps in training (a module class needs torch where it is defined, which train.py does not import in DALI's
+spawned workers).
 
 Checkpoints hold tensors and plain Python values only (RNG states as tensors, the config as a dict), so every
 load uses `torch.load(..., weights_only=True)`: a file that would need to run code to load is refused, never
@@ -21,6 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from config import Config
 from models.kcenter import mix_keys
@@ -95,6 +98,45 @@ def autocast_dtype(cfg: Config, device: torch.device):
     if device.type != "cuda" or cfg.train.precision == "fp32":
         return None
     return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training step's module
+
+
+def empty_batch_loss(model: torch.nn.Module) -> torch.Tensor:
+    """The loss of a micro-batch of no clips, without the model: a zero that depends on every trained parameter, so
+    that backward gives each one a gradient of zeros."""
+    return sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
+
+
+class TrainingLoss(torch.nn.Module):
+    """The model and the loss of one micro-batch, as one module: the module DDP wraps.
+
+    A micro-batch without clips (a rank whose shard is a video short, or whose videos were all bad) never reaches the
+    model: fused attention kernels on the GPU reject a batch of 0. Its loss is a zero that depends on every
+    parameter, so backward still gives each one a (zero) gradient and DDP's allreduce runs on this rank as on the
+    others. The zero is made here, inside the wrapped module's forward, because DDP only reduces the gradients of a
+    backward that followed a forward through it.
+
+    Args:
+        rows_per_step: clips of one optimizer step on this rank (micro-batch size x accumulation steps).
+    """
+
+    def __init__(self, model: torch.nn.Module, label_smoothing: float, rows_per_step: int):
+        super().__init__()
+        self.model, self.label_smoothing, self.rows_per_step = model, label_smoothing, rows_per_step
+
+    def forward(self, clips, labels, seeds):
+        if not len(labels):
+            return empty_batch_loss(self.model), None
+        logits = self.model(clips, seeds=seeds)
+        # sum over the rows present / nominal rows per optimizer step on this rank: the accumulated gradient is the
+        # mean over the step's clips (DDP averages the ranks), and a batch that lost a bad video, or all of them,
+        # still counts its samples at the same weight
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing,
+                               reduction="sum") / self.rows_per_step
+        return loss, logits
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,15 +25,17 @@ if __name__ != "__mp_main__":
     import numpy as np
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
 
     from models import build_model
     from pipelines import build_loader
-    from runtime import (TRAIN_STARTS, VAL_STARTS, autocast_dtype, init_from_checkpoint, kcenter_seeds,
-                         load_model_weights, parse_command_line, read_checkpoint, resolve_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state, setup_distributed, setup_logging)
+    # empty_batch_loss: what a step of no clips backpropagates (TrainingLoss), here also as train.empty_batch_loss,
+    # the name bench/gpu_check.py checks on the GPU
+    from runtime import (TRAIN_STARTS, VAL_STARTS, TrainingLoss, autocast_dtype, empty_batch_loss,  # noqa: F401
+                         init_from_checkpoint, kcenter_seeds, load_model_weights, parse_command_line,
+                         read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                         setup_distributed, setup_logging)
     from vis import draw_sampled_patches
 
 log = logging.getLogger("kcenter")
@@ -95,6 +97,28 @@ def gather_rng_states(world: int) -> list:
     return states
 
 
+def settle_gradient_buckets(ddp: DistributedDataParallel, model: torch.nn.Module, device: torch.device) -> None:
+    """One backward of an empty micro-batch's zero loss through DDP before the first step, so that a resumed run
+    reduces its gradients in the bucket layout of the run it continues.
+
+    DDP starts with every gradient in one bucket and, after its first backward, lays the buckets out anew in the
+    order the gradients became ready. A run resumed mid-training would take its first step in the first layout where
+    the run it continues had the second, and with 3 or more processes the allreduce sums each element in an order
+    that depends on its offset in the bucket: the weights would part in their last bits. After this backward every
+    run, fresh or resumed, has its layout from the same zero-loss backward before its first step, whether DDP
+    rebuilds once (as it does now) or not at all. Constructor options cannot do this: `static_graph` also rebuilds
+    (after its second iteration), one large bucket (`bucket_cap_mb`) is still reordered, and `find_unused_parameters`,
+    which does skip the rebuild, traverses the graph and allreduces a map of used parameters every step.
+
+    What it costs: one allreduce of zeros at start-up. The zero loss readies the gradients in reverse order of
+    definition (the order DDP's own heuristic assumes), which for these models differs from the real backward's only
+    within a layer (a norm's weight and bias) and among the embeddings, which are all last; so the buckets keep the
+    default sizes, fill in the order the real backward produces them, and their allreduce still overlaps it."""
+    loss, _ = ddp(None, torch.zeros(0, dtype=torch.int64, device=device), None)
+    loss.backward()
+    model.zero_grad(set_to_none=True)  # the first micro-batch starts from no gradient, as in a run without this
+
+
 class Trainer:
     """Holds what one training run needs; the loop itself is `train_one_epoch`."""
 
@@ -116,7 +140,10 @@ class Trainer:
             init_from_checkpoint(self.model, read_checkpoint(cfg.model.init_from), cfg.model.init_from,
                                  cfg.model.init_skip)
         self.model.to(device)
-        self.ddp = DistributedDataParallel(self.model) if world > 1 else self.model
+        self.ddp = TrainingLoss(self.model, cfg.train.label_smoothing, cfg.train.micro_batch_size * self.accum)
+        if world > 1:
+            self.ddp = DistributedDataParallel(self.ddp)
+            settle_gradient_buckets(self.ddp, self.model, device)
         self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr,
                                            betas=cfg.train.betas)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -173,14 +200,9 @@ class Trainer:
             save_checkpoint(self.last_path, state)
 
     def forward_loss(self, clips, labels, seeds):
+        """(loss, logits) of one micro-batch; (a zero, None) for a batch of no clips (see `TrainingLoss`)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
-            logits = self.ddp(clips, seeds=seeds)
-            # sum over the rows present / nominal rows per optimizer step on this rank: the accumulated gradient is
-            # the mean over the step's clips (DDP averages the ranks), a batch that lost a bad video still counts
-            # its samples at the same weight, and an empty one still runs forward/backward (DDP needs every rank)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing,
-                                   reduction="sum") / (self.cfg.train.micro_batch_size * self.accum)
-        return loss, logits
+            return self.ddp(clips, labels, seeds)
 
     def optimizer_step(self) -> None:
         if self.scaler:
@@ -202,7 +224,10 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
     model.train()
     steps_left = tr.steps_per_epoch - first_batch // tr.accum
     bar = tqdm(total=steps_left, desc=f"epoch {epoch}", disable=tr.rank != 0, dynamic_ncols=True)
-    sums = {"loss": 0.0, "clips": 0, "wait": 0.0}
+    sums = {"clips": 0, "wait": 0.0}
+    # the losses summed on the device, in float64 like the Python floats .item() gave, and read once a log interval:
+    # an .item() a micro-batch would wait for each step's kernels to finish before the next could be queued
+    loss_sum = torch.zeros((), dtype=torch.float64, device=tr.device)
     start = time.perf_counter()
     batches = iter(tr.train_loader)
     batch_index, done_steps = first_batch, 0
@@ -218,7 +243,7 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
             seeds = kcenter_seeds(cfg.train.seed, TRAIN_STARTS, epoch, batch.index)  # K-center starts
             loss, _ = tr.forward_loss(batch.clips, batch.labels, seeds)
             (tr.scaler.scale(loss) if tr.scaler else loss).backward()
-        sums["loss"] += loss.item()
+        loss_sum += loss.detach()
         sums["clips"] += len(batch.labels)
         if not last_micro:
             continue
@@ -226,12 +251,12 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
         done_steps += 1
         bar.update(1)
         if tr.writer and tr.step % cfg.train.log_every_steps == 0:
-            elapsed = time.perf_counter() - start
-            tr.writer.add_scalar("train/loss", sums["loss"] / done_steps, tr.step)
+            elapsed, mean_loss = time.perf_counter() - start, loss_sum.item() / done_steps
+            tr.writer.add_scalar("train/loss", mean_loss, tr.step)
             tr.writer.add_scalar("train/lr", tr.optimizer.param_groups[0]["lr"], tr.step)
             tr.writer.add_scalar("train/clips_per_s_per_rank", sums["clips"] / elapsed, tr.step)
             tr.writer.add_scalar("train/data_wait_fraction", sums["wait"] / elapsed, tr.step)
-            bar.set_postfix(loss=f"{sums['loss'] / done_steps:.3f}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
         if cfg.train.save_every_steps and tr.step % cfg.train.save_every_steps == 0 and done_steps < steps_left:
             tr.save(epoch, batch_index)
     bar.close()
@@ -244,7 +269,7 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
         raise RuntimeError(f"epoch {epoch}: the loader ended after {batch_index} batches, before "
                            f"{tr.steps_per_epoch} optimizer steps")
     elapsed = time.perf_counter() - start
-    return {"loss": sums["loss"] / max(1, done_steps), "clips_per_s": sums["clips"] / elapsed,
+    return {"loss": loss_sum.item() / max(1, done_steps), "clips_per_s": sums["clips"] / elapsed,
             "data_wait": sums["wait"] / elapsed}
 
 
@@ -254,21 +279,24 @@ def evaluate(tr: Trainer, loader) -> tuple[dict, tuple | None]:
 
     Also returns the first clips seen and their seeds, for the picture of sampled patches."""
     tr.ddp.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=tr.device)  # correct@1, correct@5, count
-    first = None
+    correct = torch.zeros(2, dtype=torch.float64, device=tr.device)  # correct@1, correct@5, summed on the device
+    count, first = 0, None
     with torch.no_grad():
         for batch in tqdm(loader, desc="val", disable=tr.rank != 0, dynamic_ncols=True):
+            if not len(batch.labels):  # nothing to score, and fused attention kernels reject a batch of 0
+                continue
             seeds = kcenter_seeds(tr.cfg.train.seed, VAL_STARTS, 0, batch.index)
-            if first is None and len(batch.labels):
+            if first is None:
                 first = batch.clips[: tr.cfg.train.num_vis_clips], seeds[: tr.cfg.train.num_vis_clips]
             with torch.autocast(tr.device.type, dtype=tr.amp_dtype) if tr.amp_dtype else nullcontext():
                 logits = tr.model(batch.clips, seeds=seeds)
             top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == batch.labels[:, None]
-            count = hits.new_tensor(len(hits), dtype=torch.int64)  # on the device, like the sums
-            totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), count]).to(totals)
+            correct += torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).to(correct)
+            count += len(hits)
+    totals = torch.cat([correct, correct.new_tensor([count])])
     if tr.world > 1:
-        dist.all_reduce(totals)
+        dist.all_reduce(totals)  # every rank, also one whose batches were all empty
     correct1, correct5, count = totals.tolist()
     metrics = {"top1": 100 * correct1 / max(count, 1), "top5": 100 * correct5 / max(count, 1), "videos": int(count)}
     return metrics, first

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -13,9 +15,14 @@ pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI")
 import torch
 import yaml
 
-from eval import aggregate_views, compute_metrics
+import eval as eval_script
+import train
+from eval import aggregate_views, compute_metrics, score_videos
+from models import KCenterViT
+from pipelines.loader import Batch
 from preprocess.make_demo_data import make_demo_dataset
-from train import build_schedule, check_resumable
+from runtime import TrainingLoss
+from train import Trainer, build_schedule, check_resumable, evaluate, train_one_epoch
 from config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +110,182 @@ def test_resume_refuses_a_run_with_other_settings():
     with pytest.raises(ValueError, match=rf"runs/x/last.pt .*train.batch_size: {saved.train.batch_size} -> "
                                          rf"{other.train.batch_size}; world size: 2 -> 4 processes"):
         check_resumable(ckpt, other, 4, "runs/x/last.pt")
+
+
+# a model of 5 classes on clips of (3, 4, 32, 32)
+SMALL = dict(num_classes=5, num_frames=4, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+             num_tokens=24, num_hybrid_frames=1)
+
+
+class RefusesEmpty(torch.nn.Module):
+    """The model, failing on a batch of no clips as fused attention kernels on the GPU do."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, clips, seeds=None):
+        if not len(clips):
+            raise RuntimeError("batch size must be positive")
+        return self.model(clips, seeds=seeds)
+
+
+def clip_batch(first_video: int, size: int, views: tuple = ()) -> Batch:
+    index = torch.arange(first_video, first_video + size)
+    return Batch(torch.randn(size, *views, 3, 4, 32, 32), index % 5, index)
+
+
+def host_reads(monkeypatch, module, method: str) -> list:
+    """Records each call of torch.Tensor.`method` made from `module`'s own code."""
+    reads, original = [], getattr(torch.Tensor, method)
+
+    def counted(self, *args):
+        if sys._getframe(1).f_code.co_filename == module.__file__:
+            reads.append(method)
+        return original(self, *args)
+
+    monkeypatch.setattr(torch.Tensor, method, counted)
+    return reads
+
+
+def test_an_empty_micro_batch_skips_the_model_and_gives_every_parameter_a_zero_gradient():
+    torch.manual_seed(0)
+    model = RefusesEmpty(KCenterViT(**SMALL))
+    step = TrainingLoss(model, label_smoothing=0.1, rows_per_step=4)
+    empty = clip_batch(0, 0)
+    loss, logits = step(empty.clips, empty.labels, torch.zeros(0, dtype=torch.int64))
+    assert logits is None and loss.item() == 0
+    loss.backward()
+    params = list(model.parameters())
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+    model.zero_grad(set_to_none=True)
+    train.empty_batch_loss(model).backward()  # the name bench/gpu_check.py runs on the GPU
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+
+    # the mean over the step's nominal 4 clips, as before: an empty micro-batch adds nothing, a full one its sum / 4
+    batch, seeds = clip_batch(0, 2), torch.arange(2)
+    loss, logits = step(batch.clips, batch.labels, seeds)
+    reference = torch.nn.functional.cross_entropy(model(batch.clips, seeds=seeds), batch.labels,
+                                                  label_smoothing=0.1, reduction="sum") / 4
+    assert logits.shape == (2, 5) and torch.equal(loss, reference)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    alone = [p.grad.clone() for p in params]
+    step(empty.clips, empty.labels, torch.zeros(0, dtype=torch.int64))[0].backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, alone))
+
+
+def bare_trainer(model, batches: list, accum: int, **train_settings) -> Trainer:
+    """A Trainer of one process on the CPU whose training loader is the list `batches`: no data on disk."""
+    cfg = Config()
+    for key, value in dict(micro_batch_size=2, batch_size=2 * accum, save_every_steps=0, **train_settings).items():
+        setattr(cfg.train, key, value)
+    tr = Trainer.__new__(Trainer)
+    tr.cfg, tr.rank, tr.world, tr.device, tr.accum, tr.amp_dtype = cfg, 0, 1, torch.device("cpu"), accum, None
+    tr.model, tr.ddp = model, TrainingLoss(model, cfg.train.label_smoothing, 2 * accum)
+    tr.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tr.steps_per_epoch, tr.step, tr.scaler, tr.train_loader = len(batches) // accum, 0, None, batches
+    tr.scheduler = build_schedule(tr.optimizer, cfg, tr.steps_per_epoch)
+    tr.writer = SimpleNamespace(scalars=[], add_scalar=lambda *scalar: tr.writer.scalars.append(scalar))
+    return tr
+
+
+def test_training_reads_the_loss_once_a_log_interval_and_logs_the_means_it_logged_before(monkeypatch):
+    torch.manual_seed(0)
+    batches = [clip_batch(2 * i, 2) for i in range(8)]
+    batches[5] = clip_batch(10, 0)  # its videos were all bad
+    tr = bare_trainer(RefusesEmpty(KCenterViT(**SMALL)), batches, accum=2, log_every_steps=2)  # 4 steps
+    losses, forward_loss = [], tr.forward_loss
+
+    def recording(*args):
+        loss, logits = forward_loss(*args)
+        losses.append(loss.item())
+        return loss, logits
+
+    tr.forward_loss = recording
+    reads = host_reads(monkeypatch, train, "item")
+    stats = train_one_epoch(tr, 0, 0)
+    assert tr.step == 4 and len(losses) == 8 and losses[5] == 0
+    # what the loop logged when it added up each micro-batch's loss.item() in Python floats
+    running = [sum(losses[: 2 * step]) / step for step in (1, 2, 3, 4)]
+    assert [value for name, value, _ in tr.writer.scalars if name == "train/loss"] == [running[1], running[3]]
+    assert stats["loss"] == running[3]
+    assert len(reads) == 3, reads  # at the two log steps and the epoch's end, not once a micro-batch
+
+
+def test_validation_skips_an_empty_batch_and_scores_the_same():
+    torch.manual_seed(0)
+    model = KCenterViT(**SMALL)
+    tr = SimpleNamespace(ddp=model, model=RefusesEmpty(model), cfg=Config(), device=torch.device("cpu"),
+                         amp_dtype=None, rank=0, world=1)
+    batches = [clip_batch(0, 3), clip_batch(3, 2)]
+    metrics, (clips, seeds) = evaluate(tr, batches)
+    assert metrics["videos"] == 5
+    for loader in ([batches[0], clip_batch(5, 0), batches[1]], [clip_batch(5, 0), *batches]):
+        with_empty, vis = evaluate(tr, loader)
+        assert with_empty == metrics
+        assert torch.equal(vis[0], clips) and torch.equal(vis[1], seeds)  # pictures of the first clips scored
+
+
+def test_testing_skips_an_empty_batch_and_reads_labels_once_a_batch(monkeypatch):
+    torch.manual_seed(0)
+    model = KCenterViT(**SMALL)
+    cfg = Config()
+    batches = [clip_batch(0, 3, views=(2,)), clip_batch(3, 0, views=(2,)), clip_batch(3, 2, views=(2,))]
+    reads = host_reads(monkeypatch, eval_script, "__int__")
+    results = score_videos(RefusesEmpty(model), batches, torch.device("cpu"), None, 0, cfg, "sum_logits")
+    assert not reads, reads  # no int() a video
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    assert all(type(label) is int and label == index % 5 for index, (label, _) in results.items())
+    with torch.no_grad():
+        seeds = eval_script.view_seeds(cfg.train.seed, batches[2].index, 2)
+        expected = model(batches[2].clips.flatten(0, 1), seeds=seeds).view(2, 2, -1).sum(1)
+    assert np.array_equal(results[4][1], expected[1].numpy())
+
+
+@pytest.mark.slow
+def test_a_rank_with_an_empty_micro_batch_keeps_ddp_in_step(tmp_path):
+    # rank 0 has no clips, rank 1 two: both finish the step with the same gradients, rank 1's over the 2 ranks, and
+    # the model never sees the empty batch
+    script = tmp_path / "empty_rank.py"
+    script.write_text(
+        "import copy, sys, torch, torch.distributed as dist\n"
+        f"sys.path[:0] = [{REPO!r}, {os.path.dirname(os.path.abspath(__file__))!r}]\n"
+        "import train\n"
+        "from test_train import SMALL, RefusesEmpty, clip_batch\n"
+        "from models import KCenterViT\n"
+        "from runtime import TrainingLoss\n"
+        "\n"
+        "def main():\n"
+        "    dist.init_process_group('gloo')\n"
+        "    rank = dist.get_rank()\n"
+        "    torch.manual_seed(0)\n"
+        "    model = RefusesEmpty(KCenterViT(**SMALL))\n"
+        "    alone = copy.deepcopy(model)\n"
+        "    ddp = torch.nn.parallel.DistributedDataParallel(TrainingLoss(model, 0.1, 2))\n"
+        "    train.settle_gradient_buckets(ddp, model, torch.device('cpu'))\n"
+        "    assert all(p.grad is None for p in model.parameters())\n"
+        "    torch.manual_seed(1)\n"
+        "    batch, seeds = clip_batch(0, 2 * rank), torch.arange(2 * rank)\n"
+        "    ddp(batch.clips, batch.labels, seeds)[0].backward()\n"
+        "    grads = torch.cat([p.grad.flatten() for p in model.parameters()])\n"
+        "    gathered = [torch.zeros_like(grads) for _ in range(2)]\n"
+        "    dist.all_gather(gathered, grads)\n"
+        "    assert torch.equal(gathered[0], gathered[1]), 'ranks differ'\n"
+        "    if rank == 1:\n"
+        "        TrainingLoss(alone, 0.1, 2)(batch.clips, batch.labels, seeds)[0].backward()\n"
+        "        reference = torch.cat([p.grad.flatten() for p in alone.parameters()]) / 2\n"
+        "        assert torch.equal(grads, reference) and grads.abs().sum() > 0\n"
+        "        open(sys.argv[1], 'w').write('ok')\n"
+        "    dist.destroy_process_group()\n"
+        "\n"
+        "if __name__ == '__main__':\n"
+        "    main()\n")
+    done = tmp_path / "in_step"
+    result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(done)],
+                 timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert done.exists()
 
 
 @pytest.mark.slow
