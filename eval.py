@@ -126,21 +126,23 @@ def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, re
     indices = sorted(results)
     labels = np.array([results[i][0] for i in indices])
     scores = np.stack([results[i][1] for i in indices]) if indices else np.zeros((0, cfg.model.num_classes))
-    metrics = compute_metrics(scores, labels, loader.class_names) if indices else {"videos": 0}
+    labelled = loader.dataset.labelled  # an unlabelled test list (the official test CSV): predictions only
+    metrics = compute_metrics(scores, labels, loader.class_names) if indices and labelled else {"videos": len(indices)}
     excluded = [{"path": path, "error": error} for path, error in loader.bad_videos]
     missing = [{"path": path, "listed_at": where} for path, where in loader.missing_videos]  # data.allow_missing
-    summary = {"metrics": metrics, "checkpoint": checkpoint, "split_videos": loader.num_videos,
+    summary = {"metrics": metrics, "labelled": labelled, "checkpoint": checkpoint, "split_videos": loader.num_videos,
                "scored_videos": len(indices), "excluded": excluded, "missing": missing,
                "views": {"clips": cfg.eval.num_clips, "crops": cfg.eval.num_crops, "ensemble": ensemble},
                "config": cfg.to_dict()}
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2))
     rows = io.StringIO()
     writer = csv.writer(rows)
-    writer.writerow(["path", "label", "prediction", "score", "top5"])
+    writer.writerow(["path", "label", "prediction", "score", "top5", "top5_classes"])
     for i, index in enumerate(indices):
         top5 = np.argsort(-scores[i], kind="stable")[:5]
-        writer.writerow([loader.videos[index][0], loader.class_names[labels[i]], loader.class_names[top5[0]],
-                         f"{scores[i, top5[0]]:.4f}", " ".join(str(c) for c in top5)])
+        writer.writerow([loader.videos[index][0], loader.class_names[labels[i]] if labelled else "",
+                         loader.class_names[top5[0]], f"{scores[i, top5[0]]:.4f}", " ".join(str(c) for c in top5),
+                         "|".join(loader.class_names[c] for c in top5)])
     write_atomic(os.path.join(out_dir, "predictions.csv"), rows.getvalue())
     return summary
 
@@ -193,9 +195,15 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
     info = {"path": os.path.abspath(checkpoint), "epoch": ckpt["epoch"], "step": ckpt["step"]}
     summary = write_results(out_dir, cfg, info, ensemble, results, loader)
     m = summary["metrics"]
-    log.info("test: %d/%d videos scored (%d excluded), %d clips x %d crops: top-1 %.2f%%, top-5 %.2f%%",
-             summary["scored_videos"], loader.num_videos, len(summary["excluded"]), cfg.eval.num_clips,
-             cfg.eval.num_crops, m.get("top1", float("nan")), m.get("top5", float("nan")))
+    if not summary["labelled"]:
+        log.info("test: %d/%d videos scored (%d excluded), %d clips x %d crops: the test list %s has no labels, so "
+                 "predictions only (top-5 of each video in predictions.csv), no accuracy", summary["scored_videos"],
+                 loader.num_videos, len(summary["excluded"]), cfg.eval.num_clips, cfg.eval.num_crops,
+                 loader.dataset.annotation)
+    else:
+        log.info("test: %d/%d videos scored (%d excluded), %d clips x %d crops: top-1 %.2f%%, top-5 %.2f%%",
+                 summary["scored_videos"], loader.num_videos, len(summary["excluded"]), cfg.eval.num_clips,
+                 cfg.eval.num_crops, m.get("top1", float("nan")), m.get("top5", float("nan")))
     log.info("wrote %s", os.path.join(out_dir, "results.json"))
     return summary
 

@@ -29,7 +29,7 @@ if __name__ != "__mp_main__":
     from tqdm import tqdm
 
     from models import build_model
-    from pipelines import build_loader
+    from pipelines import build_loader, read_dataset
     # empty_batch_loss: what a step of no clips backpropagates (TrainingLoss), here also as train.empty_batch_loss,
     # the name bench/gpu_check.py checks on the GPU
     from runtime import (TRAIN_STARTS, VAL_STARTS, TrainingLoss, autocast_dtype, empty_batch_loss,  # noqa: F401
@@ -322,6 +322,16 @@ def prepare_demo_data(cfg: Config, rank: int, world: int) -> None:
         dist.barrier()
 
 
+def check_test_list(cfg: Config, rank: int) -> None:
+    """The test list read and checked on every rank before the first step (parse, labels, videos present or listed
+    as missing, frame folders whole), so that a run never fails on it after days of training."""
+    if not cfg.data.test_list or cfg.data.test_list == cfg.data.val_list:  # the val loader has read it already
+        return
+    data = read_dataset(cfg.data, "test", show_progress=rank == 0)
+    log.info("test list %s: %d videos%s", data.annotation, len(data.videos),
+             "" if data.labelled else " without labels (predictions only, no accuracy)")
+
+
 def run_training(cfg: Config) -> dict:
     rank, world, device = setup_distributed(cfg)
     setup_logging(cfg.train.out_dir, rank)
@@ -330,7 +340,8 @@ def run_training(cfg: Config) -> dict:
     if cfg.data.test_list:
         log.info("after training: multi-view test of %s", resolve_checkpoint(cfg))  # warns on test-set selection
     prepare_demo_data(cfg, rank, world)
-    tr = Trainer(cfg, rank, world, device)
+    tr = Trainer(cfg, rank, world, device)  # reads and checks the train and val lists
+    check_test_list(cfg, rank)
     log.info("%d train videos, %d optimizer steps/epoch, accumulation %d, world %d, device %s, autocast %s",
              tr.train_loader.num_videos, tr.steps_per_epoch, tr.accum, world, device, tr.amp_dtype)
     metrics = {}

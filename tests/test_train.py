@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from types import SimpleNamespace
 
@@ -318,6 +319,32 @@ def test_demo_train_then_eval_writes_results(tmp_path, demo_root):
     assert summary["views"] == {"clips": 1, "crops": 1, "ensemble": "max"}
     assert summary["checkpoint"]["path"] == str(out / "best.pt")
     assert len(list(pictures.glob("*.png"))) == 8
+
+    # the official unlabelled test CSV's form: predictions only, said so
+    rows = (Path(demo_root) / "annotations" / "val.csv").read_text().strip().splitlines()[1:]
+    unlabelled = tmp_path / "test.csv"
+    unlabelled.write_text("youtube_id,time_start,time_end,split\n" + "".join(
+        ",".join(row.split(",")[1:4] + ["test"]) + "\n" for row in rows))
+    result = run(["eval.py", "--config", config, f"data.test_list={unlabelled}", f"eval.out_dir={tmp_path / 'un'}"],
+                 timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "un" / "results.json").read_text())
+    assert summary["labelled"] is False and summary["metrics"] == {"videos": 8} and summary["scored_videos"] == 8
+    assert "has no labels, so predictions only" in result.stderr + result.stdout
+    predictions = (tmp_path / "un" / "predictions.csv").read_text().strip().splitlines()
+    assert predictions[0] == "path,label,prediction,score,top5,top5_classes" and len(predictions) == 9
+    assert all(line.split(",")[1] == "" and len(line.split(",")[-1].split("|")) == 4 for line in predictions[1:])
+
+
+def test_a_broken_test_list_stops_training_before_its_first_step(tmp_path, demo_root):
+    out = tmp_path / "run"
+    broken = tmp_path / "test.csv"
+    broken.write_text("label,youtube_id,time_start,time_end,split\nno such class,abc,0,10,test\n")
+    config = write_config(tmp_path, demo_root, out, data={"test_list": str(broken)})
+    result = run(["train.py", "--config", config], timeout=300)
+    assert result.returncode != 0
+    assert f"{broken}:2: unknown label 'no such class'" in result.stderr
+    assert not (out / "last.pt").exists() and "epoch 0:" not in (out / "train.log").read_text()
 
 
 @pytest.mark.slow
