@@ -209,6 +209,20 @@ class FailureLog:
 # ------------------------------------------------------------------------------------------------- ffmpeg
 
 
+def ffmpeg_path(path: Path | str) -> str:
+    """`path` as it is handed to ffmpeg and ffprobe: absolute, so that they read it as a file name, whatever it is.
+
+    They read a relative name by its first characters: `-x.mp4` as an option (3% of Kinetics ids begin with '-',
+    and SRC `.` hands them over as they are), `a:b.mp4` as the protocol `a` ("Protocol not found"), `-` alone as
+    stdin/stdout. An absolute path begins with '/', which they read as a file and nothing else. A `./` prefix would
+    avoid the same; the absolute path also names the file fully in ffmpeg's errors (and so in failures.txt). The
+    `file:` protocol would too, but it is a URL, not a path: one more form to keep apart from the paths the
+    scripts open themselves. `absolute`, not `resolve` (the path the user typed, symlinks kept) nor
+    `os.path.abspath` (which drops a `..` lexically, wrong after a symlink).
+    """
+    return str(Path(path).absolute())
+
+
 def run_command(args: list[str]) -> subprocess.CompletedProcess:
     """Run ffmpeg/ffprobe (text output); raise `PreprocessError` with the tail of its error output if it fails."""
     try:
@@ -238,7 +252,7 @@ class SourceInfo:
 def probe_source(path: Path) -> SourceInfo:
     """Frame rate, declared duration and size of the first video stream; `PreprocessError` if unreadable."""
     out = run_command(["ffprobe", "-v", "error", "-select_streams", "V:0", "-show_streams", "-show_format",
-                       "-of", "json", str(path)])
+                       "-of", "json", ffmpeg_path(path)])
     info = json.loads(out.stdout)
     if not info.get("streams"):
         raise PreprocessError("no video stream")

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -62,7 +63,8 @@ def demo_frames(label: str, rng: np.random.Generator, width: int, height: int) -
 def encode_h264(path: str, frames: np.ndarray) -> None:
     height, width = frames.shape[1:3]
     cmd = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
-           "-r", str(FPS), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
+           "-r", str(FPS), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18",
+           str(Path(path).absolute())]  # never read as an option or a protocol: see common.ffmpeg_path
     subprocess.run(cmd, input=frames.tobytes(), check=True)
 
 

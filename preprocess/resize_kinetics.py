@@ -64,7 +64,7 @@ class EncodeSettings:
 
 def encode_command(source: Path, out: Path, rate: Fraction, settings: EncodeSettings) -> list[str]:
     """The ffmpeg command that writes `source` to `out` (any name: the format is given) at constant `rate`."""
-    inp = ffmpeg.input(str(source), threads=settings.threads)
+    inp = ffmpeg.input(common.ffmpeg_path(source), threads=settings.threads)
     video = (inp["V:0"]  # capital V: the first real video stream, not a cover picture
              .filter("fps", fps=str(rate))
              .filter("scale", **common.scale_to_short_side(settings.short_side))
@@ -74,7 +74,7 @@ def encode_command(source: Path, out: Path, rate: Fraction, settings: EncodeSett
         streams.append(inp["a:0?"])  # "?": a video without audio is fine
         audio_args = {"c:a": "aac", "b:a": "128k"}
     output = ffmpeg.output(
-        *streams, str(out), f="mp4", pix_fmt="yuv420p", preset=settings.preset, crf=settings.crf,
+        *streams, common.ffmpeg_path(out), f="mp4", pix_fmt="yuv420p", preset=settings.preset, crf=settings.crf,
         g=settings.gop, bf=settings.bframes, threads=settings.threads, movflags="+faststart",
         **{"c:v": "libx264"}, **audio_args)
     output = output.global_args(*common.FFMPEG_GLOBAL_ARGS)
@@ -85,7 +85,8 @@ def describe_mp4(path: Path, name: str) -> common.ManifestRow:
     """Manifest row of an MP4 this script wrote. Frames are counted from the packets (one per frame in H.264),
     which reads the file without decoding it."""
     out = common.run_command(["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries",
-                              "stream=nb_read_packets,r_frame_rate,width,height", "-of", "json", str(path)])
+                              "stream=nb_read_packets,r_frame_rate,width,height", "-of", "json",
+                              common.ffmpeg_path(path)])
     streams = json.loads(out.stdout).get("streams")
     if not streams:
         raise common.PreprocessError(f"{path}: no video stream in the output")

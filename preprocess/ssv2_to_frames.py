@@ -35,12 +35,13 @@ def frame_name(video_id: str, index: int) -> str:
 def extract_command(source: Path, folder: Path, video_id: str, quality: int, short_side: int | None,
                     threads: int) -> list[str]:
     """The ffmpeg command that writes every decoded frame of `source` as `folder/<id>_%06d.jpeg` from 0."""
-    video = ffmpeg.input(str(source), threads=threads)["V:0"]
+    video = ffmpeg.input(common.ffmpeg_path(source), threads=threads)["V:0"]
     if short_side:
         video = video.filter("scale", **common.scale_to_short_side(short_side)).filter("setsar", 1)
-    pattern = folder / f"{video_id.replace('%', '%%')}_%06d.jpeg"  # '%' is special in image2 patterns
+    # '%' is special in image2 patterns, in the folders above as well as in the id (DST "runs/100%")
+    pattern = os.path.join(common.ffmpeg_path(folder), f"{video_id}_").replace("%", "%%") + "%06d.jpeg"
     output = ffmpeg.output(
-        video, str(pattern), f="image2", start_number=0, pix_fmt="yuvj420p", threads=threads,
+        video, pattern, f="image2", start_number=0, pix_fmt="yuvj420p", threads=threads,
         # one image per decoded frame: passthrough neither drops nor duplicates frames of variable-rate videos
         # (-vsync, not -fps_mode, which ffmpeg before 5.1 does not know)
         vsync="passthrough", **{"c:v": "mjpeg", "q:v": quality})
