@@ -6,12 +6,13 @@ cd "$(dirname "$0")/../.."
 K=${1:?usage: bash bench/gpu/call.sh K}
 KIT=${KCV_GPU_HOME:-/tmp/kcv-gpu}
 OUT=${OUT:-$KIT/out}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 mkdir -p "$OUT"
-python bench/gpu_kit.py receive "$K" --home "$KIT" > "$OUT/receive.txt" 2>&1
+"$PY" bench/gpu_kit.py receive "$K" --home "$KIT" > "$OUT/receive.txt" 2>&1
 received=$?
 cat "$OUT/receive.txt"
 export PYTHONPATH="$KIT/site${PYTHONPATH:+:$PYTHONPATH}"
-python bench/gpu_check.py --call "$K" --out "$OUT" --work "$KIT/work" > "$OUT/log.txt" 2>&1
+"$PY" bench/gpu_check.py --call "$K" --out "$OUT" --work "$KIT/work" > "$OUT/log.txt" 2>&1
 checked=$?
 grep -v '^gpu_check: .* \.\.\.$' "$OUT/log.txt" | tail -80
 exit $(( received ? received : checked ))
