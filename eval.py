@@ -195,15 +195,11 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
     info = {"path": os.path.abspath(checkpoint), "epoch": ckpt["epoch"], "step": ckpt["step"]}
     summary = write_results(out_dir, cfg, info, ensemble, results, loader)
     m = summary["metrics"]
-    if not summary["labelled"]:
-        log.info("test: %d/%d videos scored (%d excluded), %d clips x %d crops: the test list %s has no labels, so "
-                 "predictions only (top-5 of each video in predictions.csv), no accuracy", summary["scored_videos"],
-                 loader.num_videos, len(summary["excluded"]), cfg.eval.num_clips, cfg.eval.num_crops,
-                 loader.dataset.annotation)
-    else:
-        log.info("test: %d/%d videos scored (%d excluded), %d clips x %d crops: top-1 %.2f%%, top-5 %.2f%%",
-                 summary["scored_videos"], loader.num_videos, len(summary["excluded"]), cfg.eval.num_clips,
-                 cfg.eval.num_crops, m.get("top1", float("nan")), m.get("top5", float("nan")))
+    outcome = (f"top-1 {m.get('top1', float('nan')):.2f}%, top-5 {m.get('top5', float('nan')):.2f}%"
+               if summary["labelled"] else f"the test list {loader.dataset.annotation} has no labels, so predictions "
+               f"only (top-5 of each video in predictions.csv), no accuracy")
+    log.info("test: %d/%d videos scored (%d excluded), %d clips x %d crops: %s", summary["scored_videos"],
+             loader.num_videos, len(summary["excluded"]), cfg.eval.num_clips, cfg.eval.num_crops, outcome)
     log.info("wrote %s", os.path.join(out_dir, "results.json"))
     return summary
 

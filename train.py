@@ -30,12 +30,9 @@ if __name__ != "__mp_main__":
 
     from models import build_model
     from pipelines import build_loader, read_dataset
-    # empty_batch_loss: what a step of no clips backpropagates (TrainingLoss), here also as train.empty_batch_loss,
-    # the name bench/gpu_check.py checks on the GPU
-    from runtime import (TRAIN_STARTS, VAL_STARTS, TrainingLoss, autocast_dtype, empty_batch_loss,  # noqa: F401
-                         init_from_checkpoint, kcenter_seeds, load_model_weights, parse_command_line,
-                         read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                         setup_distributed, setup_logging)
+    from runtime import (TRAIN_STARTS, VAL_STARTS, TrainingLoss, autocast_dtype, init_from_checkpoint,
+                         kcenter_seeds, load_model_weights, parse_command_line, read_checkpoint, resolve_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state, setup_distributed, setup_logging)
     from vis import draw_sampled_patches
 
 log = logging.getLogger("kcenter")

@@ -316,12 +316,12 @@ def check_empty_batch(ctx: Context) -> Check:
     import torch
     import torch.nn.functional as F
 
-    import train
     from models import KCenterViT
+    from runtime import empty_batch_loss
     model = KCenterViT(num_classes=4).cuda()
     empty = torch.zeros(0, 3, 32, 224, 224, device="cuda")
     labels = torch.zeros(0, dtype=torch.long, device="cuda")
-    loss = train.empty_batch_loss(model)
+    loss = empty_batch_loss(model)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     trainer_ok = all(g is not None and not g.any() for g in grads) and float(loss) == 0.0
@@ -515,7 +515,7 @@ STEPS = [
     Step("train_timesformer", "timesformer training step", check_train_timesformer, TORCH, 35),
     Step("train_motionformer", "motionformer training step", check_train_motionformer, TORCH, 35),
     Step("deterministic", "train.deterministic on CUDA", check_deterministic, (*TORCH, "runtime"), 35),
-    Step("empty_batch", "empty batch", check_empty_batch, (*TORCH, "train"), 10),
+    Step("empty_batch", "empty batch", check_empty_batch, (*TORCH, "runtime"), 10),
     Step("pytest_gpu", "pytest -m gpu", check_gpu_tests, ("pytest", *DALI), 60),
     Step("loader_on_device", "loader: batches stay on the GPU", check_loader_on_device, DALI, 15),
     Step("nvdec", "NVDEC frames = PyAV frames", check_nvdec, DALI, 10),

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 SPLIT_FOLDERS = {"train": ("train", "videos_train"), "val": ("val", "validate", "validation", "videos_val"),
                  "test": ("test", "videos_test", "val", "validate", "validation", "videos_val")}
-# the same annotation under the names the releases give it: ActivityNet's validate.csv, the CVDF mirror's val.csv
-ANNOTATION_ALIASES = (("validate", "val", "validation"),)
+# the split an annotation file's name says; the names of one split are the same file as the releases name it
+# (ActivityNet's validate.csv, the CVDF mirror's val.csv)
 ANNOTATION_SPLITS = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
 OUR_FRAMES = ("{id}_{n:06d}.jpeg", 0)  # preprocess/ssv2_to_frames.py's naming, numbered from 0
 
@@ -102,13 +102,12 @@ def _resolve_annotation(root: str, path: str) -> str:
         return full
     folder, name = os.path.split(full)
     stem, ext = os.path.splitext(name)
-    for names in ANNOTATION_ALIASES:
-        if stem in names:
-            found = [os.path.join(folder, other + ext) for other in names if other != stem
-                     and os.path.isfile(os.path.join(folder, other + ext))]
-            if len(found) == 1:
-                log.info("%s not found: reading %s (the same split under the other official name)", full, found[0])
-                return found[0]
+    split = ANNOTATION_SPLITS.get(stem)
+    found = [os.path.join(folder, other + ext) for other, of in ANNOTATION_SPLITS.items()
+             if split and of == split and other != stem and os.path.isfile(os.path.join(folder, other + ext))]
+    if len(found) == 1:
+        log.info("%s not found: reading %s (the same split under the other official name)", full, found[0])
+        return found[0]
     return full
 
 
@@ -176,9 +175,7 @@ def _kinetics_rows(path: str) -> list[tuple[int, str | None, str]]:
 def read_kinetics(cfg, split: str, show_progress: bool = True) -> VideoDataset:
     annotation = _resolve_annotation(cfg.root, getattr(cfg, f"{split}_list"))
     rows = _kinetics_rows(annotation)
-    labelled = all(label is not None for _, label, _ in rows)
-    if not labelled and any(label is not None for _, label, _ in rows):  # pragma: no cover - one header per file
-        raise ValueError(f"{annotation}: some rows have labels and some do not")
+    labelled = all(label is not None for _, label, _ in rows)  # a file's columns are the same on every row
     if cfg.labels_file:
         class_names = _class_names_from_file(_resolve(cfg.root, cfg.labels_file))
     elif cfg.train_list:
@@ -346,10 +343,7 @@ FRAME_FILE = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)\.(?P<ext>jpe?g)$", re.
 
 def _frame_naming_setting(cfg) -> tuple[str, int] | None:
     """(template, first number) from data.frame_naming / data.frame_start, None for "auto" (detected per folder)."""
-    naming = getattr(cfg, "frame_naming", "auto")
-    if naming == "auto":
-        return None
-    return naming, max(0, getattr(cfg, "frame_start", 0))
+    return None if cfg.frame_naming == "auto" else (cfg.frame_naming, cfg.frame_start)
 
 
 def _frame_format(naming: tuple[str, int], video_id: str) -> tuple[str, int]:
@@ -358,7 +352,7 @@ def _frame_format(naming: tuple[str, int], video_id: str) -> tuple[str, int]:
     return template.replace("{id}", video_id.replace("{", "{{").replace("}", "}}")).replace("{n", "{"), start
 
 
-def _detect_naming(names: list[str], video_id: str, folder: str, where: str) -> tuple[str, int]:
+def _detect_naming(names: list[str], folder: str, where: str) -> tuple[str, int]:
     """The naming of the frames in a folder: one prefix, one zero-padded width, one extension, numbered from 0 or
     1; anything else is an error saying what was found."""
     forms = {}
@@ -390,12 +384,12 @@ def _count_frames(folder: str, video_id: str, where: str, naming: tuple[str, int
     names = [name for name in os.listdir(folder) if not name.startswith(".")]
     if not names:
         return "", 0, 0
-    fmt, start = _frame_format(naming, video_id) if naming else _detect_naming(names, video_id, folder, where)
+    fmt, start = _frame_format(naming, video_id) if naming else _detect_naming(names, folder, where)
     present = set(names)
     count = sum(1 for name in names if FRAME_FILE.match(name))
     if fmt.format(start) not in present:
         found = ", ".join(sorted(names)[:3])
-        detected = _detect_naming(names, video_id, folder, where)
+        detected = _detect_naming(names, folder, where)
         raise FileNotFoundError(f"{where}: {folder} has no {fmt.format(start)} (data.frame_naming "
                                 f"{naming[0]!r}, frame_start {naming[1]}); it holds {found}, ...: read with "
                                 f"data.frame_naming=auto (detected: {detected[0]} from {detected[1]})")

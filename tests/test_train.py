@@ -22,7 +22,7 @@ from eval import aggregate_views, compute_metrics, score_videos
 from models import KCenterViT
 from pipelines.loader import Batch
 from preprocess.make_demo_data import make_demo_dataset
-from runtime import TrainingLoss
+from runtime import TrainingLoss, empty_batch_loss
 from train import Trainer, build_schedule, check_resumable, evaluate, train_one_epoch
 from config import Config
 
@@ -160,7 +160,7 @@ def test_an_empty_micro_batch_skips_the_model_and_gives_every_parameter_a_zero_g
     params = list(model.parameters())
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in params)
     model.zero_grad(set_to_none=True)
-    train.empty_batch_loss(model).backward()  # the name bench/gpu_check.py runs on the GPU
+    empty_batch_loss(model).backward()  # what bench/gpu_check.py runs on the GPU
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in params)
 
     # the mean over the step's nominal 4 clips, as before: an empty micro-batch adds nothing, a full one its sum / 4
