@@ -53,6 +53,10 @@ class DataConfig:
     # true: missing videos are left out, counted and listed (real Kinetics always lacks some YouTube videos)
     generate_demo: bool = False  # build the synthetic demo dataset (preprocess/make_demo_data.py) if root is absent
     max_bad_fraction: float = 0.01  # training stops with an error if more of an epoch's videos fail to decode
+    # the index of each split's video list (pipelines/index.py), built once and memory-mapped by every process:
+    # "auto" = a .kcenter-index folder beside the annotation file (else ~/.cache/kcenter-video/index), a folder
+    # (relative to root), or "off" (the lists are read in full at every start)
+    index_dir: str = "auto"
 
     def __post_init__(self):
         _check_choice("data.dataset", self.dataset, ("kinetics", "list", "ssv2"))

@@ -140,7 +140,7 @@ def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, re
     writer.writerow(["path", "label", "prediction", "score", "top5", "top5_classes"])
     for i, index in enumerate(indices):
         top5 = np.argsort(-scores[i], kind="stable")[:5]
-        writer.writerow([loader.videos[index][0], loader.class_names[labels[i]] if labelled else "",
+        writer.writerow([loader.dataset.videos[index].path, loader.class_names[labels[i]] if labelled else "",
                          loader.class_names[top5[0]], f"{scores[i, top5[0]]:.4f}", " ".join(str(c) for c in top5),
                          "|".join(loader.class_names[c] for c in top5)])
     write_atomic(os.path.join(out_dir, "predictions.csv"), rows.getvalue())

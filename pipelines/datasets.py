@@ -33,6 +33,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 from tqdm import tqdm
 
@@ -67,7 +68,7 @@ class VideoRecord:
 
 @dataclass
 class VideoDataset:
-    videos: list[VideoRecord]
+    videos: Sequence[VideoRecord]  # a list, or the memory-mapped VideoIndex of pipelines/index.py
     class_names: list[str]
     frames: bool = False  # True: folders of JPEG frames (SSv2), False: video files
     missing: list[tuple[str, str]] = field(default_factory=list)  # (path, "file:line") left out (allow_missing)
@@ -82,12 +83,38 @@ def read_dataset(cfg, split: str, show_progress: bool = True) -> VideoDataset:
     annotation = getattr(cfg, f"{split}_list")
     if not annotation:
         raise ValueError(f"data.{split}_list is empty: no annotation file for the {split} split")
+    from pipelines.index import cached_dataset  # index.py builds on this module's classes
+
     readers = {"kinetics": read_kinetics, "list": read_video_list, "ssv2": read_ssv2}
-    dataset = readers[cfg.dataset](cfg, split, show_progress)
+    annotation, files, folders = _list_sources(cfg, split)
+    dataset = cached_dataset(cfg, split, annotation, files, folders,
+                             build=lambda: readers[cfg.dataset](cfg, split, show_progress))
     if not dataset.labelled and split != "test":
         raise ValueError(f"data.{split}_list {dataset.annotation} has no labels (an unlabelled test list): it can "
                          f"only be data.test_list, whose videos then get predictions and no accuracy")
     return dataset
+
+
+def _list_sources(cfg, split: str) -> tuple[str, list[str], list[tuple[str, bool]]]:
+    """What the list of `split` is read from, for the key of its index (pipelines/index.py): the annotation file,
+    the files read with it (class list, manifest) and the folders whose listing decides which videos are found
+    (with their sub-folders one level down, or not)."""
+    annotation = getattr(cfg, f"{split}_list")
+    labels = [_resolve(cfg.root, cfg.labels_file)] if cfg.labels_file else []
+    if cfg.dataset == "kinetics":
+        annotation = _resolve_annotation(cfg.root, annotation)
+        train = [_resolve_annotation(cfg.root, cfg.train_list)] if cfg.train_list and not labels else []
+        folder = _kinetics_split_folder(cfg, split, annotation)
+        return annotation, [annotation, *labels, *train, os.path.join(folder, "manifest.csv")], [(folder, True)]
+    annotation = _resolve(cfg.root, annotation)
+    manifest = [os.path.join(cfg.root, "manifest.csv")]
+    if cfg.dataset == "ssv2":
+        # without a manifest each folder is listed, so each folder's time counts; with one (frame counts given) the
+        # root's: 169,000 stats per rank and start against a shared file system are what the index is there to save
+        return annotation, [annotation, *labels, *manifest], [(cfg.root, not os.path.isfile(manifest[0]))]
+    train = [_resolve(cfg.root, cfg.train_list)] if cfg.train_list and not labels else []
+    parents = sorted({os.path.dirname(_resolve(cfg.root, path)) for _, path, _ in _list_rows(annotation)})
+    return annotation, [annotation, *labels, *train, *manifest], [(parent, False) for parent in parents]
 
 
 def _resolve(root: str, path: str) -> str:
@@ -454,42 +481,70 @@ def _handle_missing(cfg, annotation: str, missing: list[tuple[str, str]], what: 
                 report, listing, more)
 
 
-def _read_manifest(path: str) -> dict:
-    """`path,frames,fps,width,height` rows keyed by path relative to the manifest (and by file stem)."""
+class ManifestEntry(NamedTuple):
+    num_frames: int
+    fps: float
+
+
+def _read_manifest(path: str) -> dict[str, ManifestEntry]:
+    """`path,frames,fps,width,height` rows keyed by path relative to the manifest (SSv2: the folder's id) and by
+    the normalised full path."""
     if not os.path.isfile(path):
         return {}
     folder, entries = os.path.dirname(path), {}
     with open(path, newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if "path" not in header or "frames" not in header:
+            raise ValueError(f"{path}:1: expected columns path,frames,fps,width,height, got {','.join(header)!r}")
+        p, n, r = header.index("path"), header.index("frames"), header.index("fps") if "fps" in header else None
+        for line, row in enumerate(reader, start=2):
             try:
-                info = VideoRecord(os.path.join(folder, row["path"]), -1, int(row["frames"]),
-                                   float(row.get("fps") or 0.0), f"{path}:{line}")
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}:{line}: expected columns path,frames,fps,width,height, got {row}") from None
-            entries[row["path"]] = info
-            entries[os.path.normpath(info.path)] = info
+                entry = ManifestEntry(int(row[n]), float(row[r] or 0.0) if r is not None else 0.0)
+            except (IndexError, ValueError):
+                raise ValueError(f"{path}:{line}: expected columns path,frames,fps,width,height, got "
+                                 f"{','.join(row)!r}") from None
+            entries[row[p]] = entry
+            entries[os.path.normpath(os.path.join(folder, row[p]))] = entry
     return entries
 
 
 def _with_video_info(found: list[tuple[str, int, str]], manifest: dict, show_progress: bool) -> list[VideoRecord]:
     """Frame count and fps of each video: from the manifest, else probed with PyAV (in parallel)."""
-    def info(item):
+    videos, to_probe = [], []
+    for item in found:
         path, label, where = item
         entry = manifest.get(os.path.normpath(path))
         if entry is not None and entry.num_frames > 0 and entry.fps > 0:
-            return VideoRecord(path, label, entry.num_frames, entry.fps, where)
+            videos.append(VideoRecord(path, label, entry.num_frames, entry.fps, where))
+        else:
+            videos.append(None)
+            to_probe.append(len(videos) - 1)
+
+    def probe(i):
+        path, label, where = found[i]
         try:
             probed = probe_video(path)
         except Exception as e:  # any FFmpeg/PyAV failure: the video stays listed and is reported as bad when used
             return VideoRecord(path, label, 0, 0.0, where, error=f"probe failed: {e}")
         return VideoRecord(path, label, probed.num_frames, probed.fps, where)
 
-    to_probe = sum(1 for path, _, _ in found if os.path.normpath(path) not in manifest)
-    return _parallel(info, found, "probing videos", show_progress and to_probe > 0)
+    for i, video in zip(to_probe, _parallel(probe, to_probe, "probing videos", show_progress)):
+        videos[i] = video
+    return videos
 
 
-def _parallel(function, items: list, description: str, show_progress: bool) -> list:
+def _parallel(function, items: list, description: str, show_progress: bool, chunk: int = 256) -> list:
+    """[function(item) for item in items] on threads (file system calls and probes wait on I/O), a chunk of items a
+    task: a task per item would cost more than the work it does for a list of 200,000."""
+    if not items:
+        return []
     workers = min(16, (os.cpu_count() or 1) * 2)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = pool.map(function, items, chunksize=64)
-        return list(tqdm(results, total=len(items), desc=description, disable=not show_progress, leave=False))
+    chunks = [items[i: i + chunk] for i in range(0, len(items), chunk)]
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+            tqdm(total=len(items), desc=description, disable=not show_progress, leave=False) as bar:
+        for part in pool.map(lambda part: [function(item) for item in part], chunks):
+            results += part
+            bar.update(len(part))
+    return results

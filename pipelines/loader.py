@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class Batch:
     clips: torch.Tensor  # (B, C, T, H, W) float32, or (B, V, C, T, H, W) for the test split
     labels: torch.Tensor  # (B,) int64, on the device of `clips`
-    index: torch.Tensor  # (B,) int64 dataset index of each row (CPU)
+    index: torch.Tensor  # (B,) int64 dataset index of each row (CPU): loader.dataset.videos[i]
 
 
 def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: int = 1, device_id: int | None = None,
@@ -134,7 +134,6 @@ class ClipLoader:
                  world_size: int, device_id: int | None, seed: int, start_epoch: int, start_batch: int,
                  num_threads: int, py_workers: int, max_bad_fraction: float):
         self.dataset, self.spec, self.split = dataset, spec, split
-        self.videos = [(video.path, video.label) for video in dataset.videos]  # `Batch.index` points here
         self.batch_size, self.rank, self.world_size, self.device_id = batch_size, rank, world_size, device_id
         self.seed, self.num_threads, self.py_workers = seed, num_threads, py_workers
         self.max_bad_fraction = max_bad_fraction

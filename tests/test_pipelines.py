@@ -112,7 +112,7 @@ def test_train_clips_follow_the_protocol(kinetics):
             assert batch.clips.shape[1:] == (3, 8, 32, 32) and batch.clips.dtype == torch.float32
             assert batch.labels.dtype == torch.int64 and batch.index.dtype == torch.int64
             for clip, label, index in zip(batch.clips, batch.labels.tolist(), batch.index.tolist()):
-                assert label == loader.videos[index][1]
+                assert label == loader.dataset.videos[index].label
                 assert frame_numbers(clip, cfg) == expected_indices(loader, index, epoch, seed)
                 ramps = pixels(clip, cfg)[..., 1:]  # green and blue: where the crop is
                 assert np.abs(ramps - ramps[:1]).mean() < 1.5, "every frame must have the same crop"
@@ -133,13 +133,13 @@ def test_val_pixels_match_pyav_h264_and_vp9(kinetics):
     assert [len(first.index), len(second.index)] == [2, 1]
     for batch in (first, second):
         for clip, index in zip(batch.clips, batch.index.tolist()):
-            path = loader.videos[index][0]
+            path = loader.dataset.videos[index].path
             video = loader.dataset.videos[index]
             ids = sampling.kinetics_frame_indices(video.num_frames, 30, 8, 2, 30, 0.0)  # first clip
             expected = pyav_frames(path, ids)[:, :, 8:56]
             normalised = (expected / 255 - np.array(cfg.mean)) / np.array(cfg.std)
             np.testing.assert_allclose(clip.permute(1, 2, 3, 0).numpy(), normalised, atol=1e-4)
-    assert any(loader.videos[i][0].endswith(".webm") for i in first.index.tolist() + second.index.tolist())
+    assert any(loader.dataset.videos[i].path.endswith(".webm") for i in first.index.tolist() + second.index.tolist())
 
 
 @pytest.mark.parametrize("skipping", [True, False])
@@ -264,7 +264,7 @@ def window(x, size, top, left):
 
 def original_resized(loader, index, epoch, seed, cfg, scale):
     """The original's normalised and resized frames of a loader's sample, from an independent PyAV decode."""
-    frames = pyav_frames(loader.videos[index][0], expected_indices(loader, index, epoch, seed))
+    frames = pyav_frames(loader.dataset.videos[index].path, expected_indices(loader, index, epoch, seed))
     return original_resize(original_normalize(frames, cfg), scale)
 
 
@@ -433,7 +433,7 @@ def broken(tmp_path_factory):
 def test_bad_videos_skipped_counted_and_reported(broken, caplog):
     cfg = kinetics_cfg(broken, max_bad_fraction=0.5)
     loader = build_loader(cfg, "train", batch_size=2)
-    corrupt = loader.videos[0][0]
+    corrupt = loader.dataset.videos[0].path
     for _ in range(2):
         indices = [i for b in loader for i in b.index.tolist()]
         assert sorted(indices) == [1, 2, 3], "the bad video is dropped, never replaced"
@@ -449,7 +449,7 @@ def test_bad_videos_skipped_counted_and_reported(broken, caplog):
     (batch,) = list(evaluation)
     assert batch.index.tolist() == [1]
     (path, message), = evaluation.bad_videos
-    assert path == evaluation.videos[0][0] and message  # FFmpeg error or "the stream ends at frame ..."
+    assert path == evaluation.dataset.videos[0].path and message  # FFmpeg error or "the stream ends at frame ..."
     assert evaluation.last_epoch_summary()["bad"] == 1
 
 

@@ -126,7 +126,7 @@ def test_predict_views_equal_the_test_graphs_at_real_sizes(real_sizes):
     checked = []
     for batch in loader:
         (index,) = batch.index.tolist()
-        path = loader.videos[index][0]
+        path = loader.dataset.videos[index].path
         info = probe_video(path)
         frames = decode_frames(path, predict.frame_indices(cfg, info.num_frames, info.fps), info.num_frames)
         views = predict.test_views(frames, cfg, torch.device("cpu"))
