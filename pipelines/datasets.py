@@ -1,5 +1,8 @@
 """Annotation readers: official Kinetics CSVs, plain "path label" lists and Something-Something v2 JSON.
 
+`read_dataset` reads a split once and keeps it as an index file that every later start, rank and DALI worker maps
+instead (pipelines/index.py: what its key covers, where it lives, `data.index_dir`).
+
 Each reader returns a `VideoDataset`: the videos of one split in annotation order with their labels, frame
 counts and frame rates, and the class names. Everything that can be checked before training starts is checked
 here, with errors that name the annotation file and line: unknown labels, malformed lines, empty or incomplete
@@ -491,7 +494,7 @@ def _read_manifest(path: str) -> dict[str, ManifestEntry]:
     the normalised full path."""
     if not os.path.isfile(path):
         return {}
-    folder, entries = os.path.dirname(path), {}
+    folder, entries = os.path.normpath(os.path.dirname(path)), {}
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, [])
@@ -504,9 +507,16 @@ def _read_manifest(path: str) -> dict[str, ManifestEntry]:
             except (IndexError, ValueError):
                 raise ValueError(f"{path}:{line}: expected columns path,frames,fps,width,height, got "
                                  f"{','.join(row)!r}") from None
-            entries[row[p]] = entry
-            entries[os.path.normpath(os.path.join(folder, row[p]))] = entry
+            relative = row[p]
+            entries[relative] = entry
+            full = folder + os.sep + relative
+            # normpath only where it changes something: a clean relative path joined to a normal folder is normal
+            entries[full if _clean(relative) else os.path.normpath(os.path.join(folder, relative))] = entry
     return entries
+
+
+def _clean(relative: str) -> bool:
+    return not (relative.startswith((".", os.sep)) or "//" in relative or "/." in relative)
 
 
 def _with_video_info(found: list[tuple[str, int, str]], manifest: dict, show_progress: bool) -> list[VideoRecord]:
