@@ -5,17 +5,35 @@
 
 Batches come from the DALI loader already on the device; the model's K-center step runs there. Checkpoints are
 written atomically to out_dir/last.pt (each epoch, and every train.save_every_steps optimizer steps) and
-best.pt; a run restarted with the same out_dir resumes from last.pt and continues exactly as if never stopped.
+best.pt; a run restarted with the same out_dir resumes from last.pt and continues exactly as if never stopped,
+also on another number of processes (the same optimizer steps over the same clips; see `Trainer`).
+
+Preemption: on SIGTERM or SIGUSR1 (what Slurm sends before it ends or requeues a job) every rank finishes the
+optimizer step it is in, last.pt is written there, rank 0 writes out_dir/preempted.json and every rank exits with
+PREEMPTED_EXIT (75, EX_TEMPFAIL); see `Preemption` for validation and the points between epochs. The file is the
+signal to requeue: torchrun exits 1 whatever its workers exited with. torchrun (torch 2.14) forwards SIGTERM,
+SIGINT, SIGHUP and SIGQUIT to each worker's process group and sends SIGKILL 30 s later (--shutdown-timeout or
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT; that time must cover a step and a checkpoint); SIGUSR1 only when it is named in
+--signals-to-handle (or TORCHELASTIC_SIGNALS_TO_HANDLE): otherwise SIGUSR1 ends torchrun itself at once.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import signal
+import sys
 import time
 from contextlib import nullcontext
+from datetime import datetime, timezone
+from multiprocessing import resource_tracker
 
 from config import Config, load_config
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL of sysexits.h: "try again", the exit status of every rank of a preempted run
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED_MARKER = "preempted.json"  # in train.out_dir while a preempted run waits to be requeued
 
 # A process started with "spawn" runs this file again as __mp_main__ before it unpickles its work: DALI's source
 # workers (py_workers per loader, several loaders per rank). They need nothing below, and importing torch, timm and
@@ -32,8 +50,15 @@ if __name__ != "__mp_main__":
     from pipelines import build_loader, read_dataset
     from runtime import (TRAIN_STARTS, VAL_STARTS, TrainingLoss, autocast_dtype, init_from_checkpoint,
                          kcenter_seeds, load_model_weights, parse_command_line, read_checkpoint, resolve_checkpoint,
-                         rng_state, save_checkpoint, set_rng_state, setup_distributed, setup_logging)
+                         rng_state, save_checkpoint, set_rng_state, setup_distributed, setup_logging, write_atomic)
     from vis import draw_sampled_patches
+else:
+    # DALI's source workers (the processes above) ignore the preemption signals: Slurm signals every process of a
+    # job step and torchrun a worker's whole process group, and a source worker that died of it would fail its
+    # rank's pipeline in the middle of the step the rank still finishes. They end with their pipeline, which the
+    # rank closes as it exits; SIGKILL, which follows from Slurm and torchrun, still ends them.
+    for _signal in PREEMPTION_SIGNALS:
+        signal.signal(_signal, signal.SIG_IGN)
 
 log = logging.getLogger("kcenter")
 
@@ -61,28 +86,81 @@ def build_schedule(optimizer, cfg: Config, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# What a resumed run must share with the run that wrote last.pt to continue exactly as if never stopped.
+# What a resumed run must share with the run that wrote last.pt to continue the same training. The number of
+# processes and train.micro_batch_size may change: train.batch_size fixes the clips of each optimizer step.
 RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size"],
                "model": ["arch", "num_tokens", "num_hybrid_frames", "num_segments", "img_size", "patch_size",
                          "embed_dim", "depth", "num_heads", "num_classes"],
-               "train": ["seed", "epochs", "batch_size", "micro_batch_size", "max_steps_per_epoch", "lr",
-                         "min_lr", "warmup_epochs"]}
+               "train": ["seed", "epochs", "batch_size", "max_steps_per_epoch", "lr", "min_lr", "warmup_epochs"]}
 
 
-def check_resumable(ckpt: dict, cfg: Config, world: int, path: str) -> None:
-    """An error naming every setting that differs from the run that wrote `path` (and the world size, which
-    decides each rank's share of an epoch): a silent resume would not continue the same training."""
+def check_resumable(ckpt: dict, cfg: Config, path: str) -> None:
+    """An error naming every setting that differs from the run that wrote `path`: a silent resume would not
+    continue the same training."""
     saved = ckpt["config"]
     current = cfg.to_dict()
     changed = [f"{section}.{key}: {saved[section][key]!r} -> {current[section][key]!r}"
                for section, keys in RESUME_KEYS.items() for key in keys
                if saved.get(section, {}).get(key, current[section][key]) != current[section][key]]
-    if len(ckpt["rng"]) != world:
-        changed.append(f"world size: {len(ckpt['rng'])} -> {world} processes")
     if changed:
         raise ValueError(f"{path} was written by a run with other settings, so resuming it would not continue "
                          f"that run: {'; '.join(changed)}. Resume with the same settings, or use a new "
                          f"train.out_dir")
+
+
+def saved_layout(ckpt: dict) -> tuple[int, int, int]:
+    """(processes, micro-batch, accumulation steps) of the run that wrote `ckpt` (one RNG state per process)."""
+    world, micro = len(ckpt["rng"]), ckpt["config"]["train"]["micro_batch_size"]
+    return world, micro, ckpt["config"]["train"]["batch_size"] // (micro * world)
+
+
+def saved_step_in_epoch(ckpt: dict, path: str) -> int:
+    """The optimizer steps of its epoch the run that wrote `ckpt` had taken: where a resume on any number of
+    processes starts, since step s of an epoch trains on the clips at positions [s, s + 1) x train.batch_size of
+    the epoch's order whatever the processes and accumulation (sampling.steps_per_epoch). Checkpoints written before
+    it was stored give it as batches / accumulation; every checkpoint is written between two optimizer steps, and
+    one that is not would have lost the gradients of the step's first micro-batches."""
+    if "step_in_epoch" in ckpt:
+        return ckpt["step_in_epoch"]
+    _, _, accum = saved_layout(ckpt)
+    if ckpt["batch_in_epoch"] % accum:
+        raise ValueError(f"{path} was written after batch {ckpt['batch_in_epoch']} of epoch {ckpt['epoch']}, inside "
+                         f"an optimizer step of {accum} accumulated micro-batches: it cannot be resumed exactly")
+    return ckpt["batch_in_epoch"] // accum
+
+
+def check_epoch_length(ckpt: dict, steps_per_epoch: int, num_videos: int, path: str) -> None:
+    """An error when this run's epoch has another number of optimizer steps than the epochs of the run that wrote
+    `ckpt`: its schedule and its positions in the epoch would mean other things. Checkpoints that do not store it
+    were written when an epoch ended at the last whole optimizer step of unpadded batches (no padding step)."""
+    saved = ckpt.get("steps_per_epoch")
+    if saved is None:
+        world, micro, accum = saved_layout(ckpt)
+        saved = max(1, math.ceil(num_videos / (world * micro)) // accum)
+        cap = ckpt["config"]["train"].get("max_steps_per_epoch", 0)
+        saved = min(saved, cap) if cap else saved
+    if saved != steps_per_epoch:
+        raise ValueError(f"{path} was written by a run whose epochs were {saved} optimizer steps; this run's are "
+                         f"{steps_per_epoch} ({num_videos} training videos, train.batch_size "
+                         f"{ckpt['config']['train']['batch_size']}), so resuming it would not continue that run. "
+                         f"Resume with the training list and code that wrote it, or use a new train.out_dir")
+
+
+def warn_of_another_layout(ckpt: dict, cfg: Config, world: int, accum: int, path: str) -> None:
+    """A warning when this run splits train.batch_size otherwise than the run that wrote `ckpt` did: what the resume
+    keeps, and what is no longer bit-identical to a run that kept its processes."""
+    saved_world, saved_micro, saved_accum = saved_layout(ckpt)
+    if (saved_world, saved_micro) == (world, cfg.train.micro_batch_size):
+        return
+    model, streams = cfg.model, ""
+    if any((model.drop_rate, model.pos_drop_rate, model.attn_drop_rate, model.drop_path_rate)):
+        streams = ("; dropout and drop path draw other numbers (a rank continues the saved stream of its rank where "
+                   "that run had one, and starts a new one where it had none)")
+    log.warning("%s was written with world size %d (micro-batch %d, accumulation %d); this run has %d (micro-batch "
+                "%d, accumulation %d). Every optimizer step trains on the same clips, but the float sums of its "
+                "gradient (the all-reduce over processes, the accumulation of micro-batches) may run in another "
+                "order: the run is close to, not bit-identical with, one that kept its processes%s", path,
+                saved_world, saved_micro, saved_accum, world, cfg.train.micro_batch_size, accum, streams)
 
 
 def gather_rng_states(world: int) -> list:
@@ -116,8 +194,98 @@ def settle_gradient_buckets(ddp: DistributedDataParallel, model: torch.nn.Module
     model.zero_grad(set_to_none=True)  # the first micro-batch starts from no gradient, as in a run without this
 
 
+class Preemption:
+    """A stop asked for with SIGTERM or SIGUSR1, and the ranks' agreement on where to make it.
+
+    The handler only notes the signal: Python runs it between two bytecodes of the main thread, wherever that
+    thread is, and logging or writing a file there could wait forever on a lock the interrupted code holds. The
+    loop asks `requested()` where a stop loses no work, and there the resumed run still equals a run never stopped:
+    - after each optimizer step but an epoch's last: last.pt is written at that batch (as a periodic checkpoint) and
+      the resumed run goes on with the next one. An epoch's last step goes on to the epoch's end instead;
+    - before each validation batch: validation stops, and last.pt holds the end of the epoch marked
+      `validation_pending`, so the resumed run validates that epoch first: the same weights and K-center starts
+      give the same metrics and the same best.pt;
+    - before each epoch, and before the test that follows training (data.test_list): last.pt already holds this
+      state, or no training has happened. A signal during the test itself is not acted on (training is complete
+      and the test cannot stop half way): the test goes on, and what ends the process ends it.
+
+    Ranks see a signal at different times (torchrun forwards it to one worker after another, nodes get it
+    separately), so `requested()` is a collective: the MAX of every rank's flag, and all ranks stop after the same
+    step. What it costs: one all_reduce of a single int64 on the CPU, over a gloo group of its own when the
+    training runs on NCCL, at each of those points: a round trip between the hosts (microseconds on one node) that
+    neither waits for the GPU nor queues work on it. With one process, nothing.
+    """
+
+    def __init__(self):
+        self.signal = 0  # the last preemption signal this process got; 0: none
+        self.agreed = 0  # the answer of the last `requested()`, the same on every rank
+        self.world, self.group = 1, None
+        # multiprocessing's resource tracker, the process that DALI's source workers register their semaphores with,
+        # ignores SIGTERM by itself; started now, with SIGUSR1 ignored, it inherits that too, rather than die of
+        # it (Slurm signals every process of a job step) and come back without its record
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        resource_tracker.ensure_running()
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, self._note)
+            signal.siginterrupt(signum, False)  # C++ calls it interrupts (gloo's sockets, DALI) resume, not fail
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+
+    def connect(self, world: int) -> None:
+        """Collective once the process group exists: every rank makes the same group."""
+        self.world = world
+        if world > 1:
+            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def requested(self) -> int:
+        """The signal some rank got (the same answer on every rank), or 0. Collective when world > 1."""
+        if self.world == 1:
+            self.agreed = self.signal
+        else:
+            flag = torch.tensor([self.signal], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            self.agreed = int(flag)
+        return self.agreed
+
+    def finish(self) -> None:
+        """After a stop, once rank 0 has written last.pt and the marker: every rank waits for rank 0 here, since a
+        rank that exits makes torchrun send SIGTERM to the others and SIGKILL 30 s later, and rank 0 may still be
+        writing; then further preemption signals are ignored, so that such a SIGTERM in the teardown (where Python
+        no longer runs handlers) cannot end the process with another status than PREEMPTED_EXIT."""
+        if self.world > 1:
+            dist.barrier(group=self.group)
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+class Preempted(Exception):
+    """Raised on every rank once last.pt holds the state to resume from (see `Preemption`)."""
+
+    def __init__(self, signum: int, stage: str, epoch: int, batch_in_epoch: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} ({stage}): last.pt holds epoch {epoch}, batch "
+                         f"{batch_in_epoch}, optimizer step {step}")
+        self.record = {"signal": signal.Signals(signum).name, "stage": stage, "epoch": epoch,
+                       "batch_in_epoch": batch_in_epoch, "step": step}
+
+
+def write_preempted_marker(out_dir: str, stop: Preempted) -> None:
+    """out_dir/preempted.json, atomically: a batch script requeues the job when it finds it after the run."""
+    record = {**stop.record, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_atomic(os.path.join(out_dir, PREEMPTED_MARKER), json.dumps(record, indent=1) + "\n")
+
+
 class Trainer:
-    """Holds what one training run needs; the loop itself is `train_one_epoch`."""
+    """Holds what one training run needs; the loop itself is `train_one_epoch`.
+
+    A resume on another number of processes (or micro-batch) continues at the same optimizer step of the same
+    epoch: every step trains on the same clips, with the same augmentation and K-center starts, since all of those
+    are functions of (seed, epoch, video) and the position in the epoch (sampling.steps_per_epoch); the
+    accumulation steps follow from train.batch_size. What is no longer bit-identical to a run that kept its
+    processes: the order of the float sums of each gradient (the all-reduce over processes, the accumulation of
+    micro-batches), and, with dropout or drop path on, their draws: ranks that both runs have continue their saved
+    RNG streams, a rank the saved run did not have starts a stream from (seed, rank, step), and the streams of
+    ranks this run lacks end."""
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -126,9 +294,11 @@ class Trainer:
         self.last_path = os.path.join(cfg.train.out_dir, "last.pt")
         ckpt = read_checkpoint(self.last_path) if os.path.exists(self.last_path) else {}
         if ckpt:
-            check_resumable(ckpt, cfg, world, self.last_path)
-        self.epoch, self.batch_in_epoch = ckpt.get("epoch", 0), ckpt.get("batch_in_epoch", 0)
-        self.step, self.best_top1 = ckpt.get("step", 0), ckpt.get("best_top1", -1.0)
+            check_resumable(ckpt, cfg, self.last_path)
+        self.epoch, self.step, self.best_top1 = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("best_top1", -1.0)
+        # this run's batch at the saved optimizer step (another accumulation on another number of processes)
+        self.batch_in_epoch = saved_step_in_epoch(ckpt, self.last_path) * self.accum if ckpt else 0
+        self.validation_pending = ckpt.get("validation_pending", False)  # stopped in the validation of epoch - 1
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)),
@@ -150,9 +320,11 @@ class Trainer:
             raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the training list "
                              f"{cfg.data.train_list} has {len(self.train_loader.class_names)} classes")
         batches = len(self.train_loader) + self.batch_in_epoch  # a whole epoch, also when resuming inside one
-        self.steps_per_epoch = max(1, batches // self.accum)
+        self.steps_per_epoch = batches // self.accum  # ceil(videos / batch_size): the loader pads to whole steps
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        if ckpt:
+            check_epoch_length(ckpt, self.steps_per_epoch, self.train_loader.num_videos, self.last_path)
         self.scheduler = build_schedule(self.optimizer, cfg, self.steps_per_epoch)
         self.val_loader = self._loader("val", 0, 0) if cfg.data.val_list else None
         self.writer = self._tensorboard() if rank == 0 else None
@@ -166,7 +338,8 @@ class Trainer:
         size = self.cfg.train.micro_batch_size
         return build_loader(self.cfg.data, split, batch_size=size, rank=self.rank, world_size=self.world,
                             device_id=self.device.index if self.device.type == "cuda" else None,
-                            seed=self.cfg.train.seed, start_epoch=start_epoch, start_batch=start_batch)
+                            seed=self.cfg.train.seed, start_epoch=start_epoch, start_batch=start_batch,
+                            batches_multiple=self.accum if split == "train" else 1)
 
     def _restore(self, ckpt: dict) -> None:
         load_model_weights(self.model, ckpt, self.last_path)
@@ -174,23 +347,32 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"][self.rank])  # check_resumable: one state per rank
-        log.info("resumed from %s: epoch %d, batch %d, optimizer step %d", self.last_path, self.epoch,
-                 self.batch_in_epoch, self.step)
+        if self.rank < len(ckpt["rng"]):  # one state per rank of the run that wrote it
+            set_rng_state(ckpt["rng"][self.rank])
+        else:  # a rank that run did not have: a stream of its own, a function of the run's seed, the rank and step
+            torch.manual_seed(int(np.random.SeedSequence([self.cfg.train.seed, self.rank, self.step])
+                                  .generate_state(1)[0]))
+        log.info("resumed from %s: epoch %d, optimizer step %d (%d of the epoch)%s", self.last_path, self.epoch,
+                 self.step, self.batch_in_epoch // self.accum,
+                 ", its validation pending" if self.validation_pending else "")
+        if self.rank == 0:
+            warn_of_another_layout(ckpt, self.cfg, self.world, self.accum, self.last_path)
 
     def _tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(os.path.join(self.cfg.train.out_dir, "tensorboard"))
 
-    def checkpoint_state(self, epoch: int, batch_in_epoch: int) -> dict:
+    def checkpoint_state(self, epoch: int, batch_in_epoch: int, validation_pending: bool = False) -> dict:
+        assert batch_in_epoch % self.accum == 0, "checkpoints are written between optimizer steps"
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler and self.scaler.state_dict(),
-                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step, "best_top1": self.best_top1,
-                "rng": gather_rng_states(self.world), "config": self.cfg.to_dict(),
-                "class_names": list(self.train_loader.class_names)}
+                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step_in_epoch": batch_in_epoch // self.accum,
+                "steps_per_epoch": self.steps_per_epoch, "validation_pending": validation_pending,
+                "step": self.step, "best_top1": self.best_top1, "rng": gather_rng_states(self.world),
+                "config": self.cfg.to_dict(), "class_names": list(self.train_loader.class_names)}
 
-    def save(self, epoch: int, batch_in_epoch: int, best: bool = False) -> None:
-        state = self.checkpoint_state(epoch, batch_in_epoch)  # collective: every rank takes part
+    def save(self, epoch: int, batch_in_epoch: int, best: bool = False, validation_pending: bool = False) -> None:
+        state = self.checkpoint_state(epoch, batch_in_epoch, validation_pending)  # collective: every rank takes part
         if self.rank == 0:
             if best:  # best.pt first: a kill in between must not leave last.pt claiming a best.pt never written
                 save_checkpoint(os.path.join(self.cfg.train.out_dir, "best.pt"), state)
@@ -216,7 +398,8 @@ class Trainer:
         self.step += 1
 
 
-def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
+def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preemption | None = None) -> dict:
+    """One epoch from batch `first_batch`; raises `Preempted` once a stop is agreed and saved (see `Preemption`)."""
     cfg, model = tr.cfg, tr.ddp
     model.train()
     steps_left = tr.steps_per_epoch - first_batch // tr.accum
@@ -254,12 +437,18 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
             tr.writer.add_scalar("train/clips_per_s_per_rank", sums["clips"] / elapsed, tr.step)
             tr.writer.add_scalar("train/data_wait_fraction", sums["wait"] / elapsed, tr.step)
             bar.set_postfix(loss=f"{mean_loss:.3f}")
-        if cfg.train.save_every_steps and tr.step % cfg.train.save_every_steps == 0 and done_steps < steps_left:
+        saved = cfg.train.save_every_steps and tr.step % cfg.train.save_every_steps == 0 and done_steps < steps_left
+        if saved:
             tr.save(epoch, batch_index)
+        if preemption and done_steps < steps_left and (signum := preemption.requested()):
+            if not saved:
+                tr.save(epoch, batch_index)
+            bar.close()
+            raise Preempted(signum, "training", epoch, batch_index, tr.step)
     bar.close()
     if not cfg.train.max_steps_per_epoch:
-        for _ in batches:  # the few batches short of a whole optimizer step: ending the epoch cleanly lets
-            pass           # the loader reuse its pipeline (an abandoned epoch costs a rebuild)
+        for _ in batches:  # the loader's end of the epoch (no batch is left: it pads to whole optimizer steps);
+            pass           # ending the epoch cleanly lets it reuse its pipeline (an abandoned epoch costs a rebuild)
     else:
         batches.close()
     if done_steps < steps_left or batch_index % tr.accum:
@@ -270,16 +459,22 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int) -> dict:
             "data_wait": sums["wait"] / elapsed}
 
 
-def evaluate(tr: Trainer, loader) -> tuple[dict, tuple | None]:
+def evaluate(tr: Trainer, loader, stop=None) -> tuple[dict | None, tuple | None]:
     """Single-view validation: top-1/top-5 over every video of the split exactly once (summed over ranks). The
     K-center starts are a function of (seed, video), the same every epoch, and draw nothing from the training RNG.
 
-    Also returns the first clips seen and their seeds, for the picture of sampled patches."""
+    Also returns the first clips seen and their seeds, for the picture of sampled patches.
+
+    Args:
+        stop: asked before each batch, on every rank (`Preemption.requested`, a collective: every rank has as many
+            batches); when it answers non-zero, validation ends there and the metrics are None."""
     tr.ddp.eval()
     correct = torch.zeros(2, dtype=torch.float64, device=tr.device)  # correct@1, correct@5, summed on the device
     count, first = 0, None
     with torch.no_grad():
         for batch in tqdm(loader, desc="val", disable=tr.rank != 0, dynamic_ncols=True):
+            if stop and stop():
+                return None, None
             if not len(batch.labels):  # nothing to score, and fused attention kernels reject a batch of 0
                 continue
             seeds = kcenter_seeds(tr.cfg.train.seed, VAL_STARTS, 0, batch.index)
@@ -329,11 +524,39 @@ def check_test_list(cfg: Config, rank: int) -> None:
              "" if data.labelled else " without labels (predictions only, no accuracy)")
 
 
-def run_training(cfg: Config) -> dict:
+def end_epoch(tr: Trainer, epoch: int, preemption: Preemption) -> dict:
+    """Validation when it is due, then last.pt (and best.pt) at the start of the next epoch. Raises `Preempted`,
+    last.pt holding the epoch's end with its validation pending, when a stop is agreed during validation."""
+    cfg, metrics, best = tr.cfg, {}, False
+    if tr.val_loader is not None and ((epoch + 1) % cfg.train.val_every_epochs == 0 or epoch + 1 == cfg.train.epochs):
+        metrics, vis = evaluate(tr, tr.val_loader, preemption.requested)
+        if metrics is None:
+            tr.save(epoch + 1, 0, validation_pending=True)
+            raise Preempted(preemption.agreed, "validation", epoch + 1, 0, tr.step)
+        best = metrics["top1"] > tr.best_top1
+        tr.best_top1 = max(tr.best_top1, metrics["top1"])
+        log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%% on %d videos", epoch, metrics["top1"],
+                 metrics["top5"], metrics["videos"])
+        if tr.writer:
+            for key in ("top1", "top5"):
+                tr.writer.add_scalar(f"val/{key}", metrics[key], epoch)
+            if vis is not None and cfg.train.num_vis_clips:
+                log_sampled_patches(tr, *vis, epoch)
+    tr.save(epoch + 1, 0, best=best or tr.val_loader is None)
+    return metrics
+
+
+def run_training(cfg: Config, preemption: Preemption | None = None) -> dict:
+    """Training to cfg.train.epochs, from last.pt when there is one; raises `Preempted` (see `Preemption`)."""
+    preemption = preemption or Preemption()
     rank, world, device = setup_distributed(cfg)
+    preemption.connect(world)
     setup_logging(cfg.train.out_dir, rank)
     if rank == 0:
         cfg.save(os.path.join(cfg.train.out_dir, "config.yaml"))
+        marker = os.path.join(cfg.train.out_dir, PREEMPTED_MARKER)
+        if os.path.exists(marker):  # this is the requeued run: a run that ends now must leave none
+            os.remove(marker)
     if cfg.data.test_list:
         log.info("after training: multi-view test of %s", resolve_checkpoint(cfg))  # warns on test-set selection
     prepare_demo_data(cfg, rank, world)
@@ -341,36 +564,45 @@ def run_training(cfg: Config) -> dict:
     check_test_list(cfg, rank)
     log.info("%d train videos, %d optimizer steps/epoch, accumulation %d, world %d, device %s, autocast %s",
              tr.train_loader.num_videos, tr.steps_per_epoch, tr.accum, world, device, tr.amp_dtype)
-    metrics = {}
-    first_batch = tr.batch_in_epoch
+    try:
+        return train_epochs(tr, preemption)
+    finally:
+        if tr.writer:
+            tr.writer.close()  # also when preempted: what was logged reaches the event file
+
+
+def train_epochs(tr: Trainer, preemption: Preemption) -> dict:
+    """The epochs from where last.pt left off; the last validation's metrics. Raises `Preempted`."""
+    cfg, metrics, first_batch = tr.cfg, {}, tr.batch_in_epoch
+    if tr.validation_pending:  # the run that wrote last.pt stopped in this validation
+        metrics = end_epoch(tr, tr.epoch - 1, preemption)
     for epoch in range(tr.epoch, cfg.train.epochs):
-        stats = train_one_epoch(tr, epoch, first_batch)
+        if signum := preemption.requested():  # last.pt holds this state, or there is nothing to resume yet
+            raise Preempted(signum, "between epochs", epoch, first_batch, tr.step)
+        stats = train_one_epoch(tr, epoch, first_batch, preemption)
         first_batch = 0
         log.info("epoch %d: loss %.4f, %.1f clips/s per rank, %.0f%% waiting for data; %s", epoch, stats["loss"],
                  stats["clips_per_s"], 100 * stats["data_wait"], tr.train_loader.last_epoch_summary())
-        best = False
-        if tr.val_loader is not None and ((epoch + 1) % cfg.train.val_every_epochs == 0 or
-                                          epoch + 1 == cfg.train.epochs):
-            metrics, vis = evaluate(tr, tr.val_loader)
-            best = metrics["top1"] > tr.best_top1
-            tr.best_top1 = max(tr.best_top1, metrics["top1"])
-            log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%% on %d videos", epoch, metrics["top1"],
-                     metrics["top5"], metrics["videos"])
-            if tr.writer:
-                for key in ("top1", "top5"):
-                    tr.writer.add_scalar(f"val/{key}", metrics[key], epoch)
-                if vis is not None and cfg.train.num_vis_clips:
-                    log_sampled_patches(tr, *vis, epoch)
-        tr.save(epoch + 1, 0, best=best or tr.val_loader is None)
-    if tr.writer:
-        tr.writer.close()
+        metrics = end_epoch(tr, epoch, preemption)
+    if cfg.data.test_list and (signum := preemption.requested()):  # the requeued run only tests
+        raise Preempted(signum, "before the test", cfg.train.epochs, 0, tr.step)
     return metrics
 
 
 def main(argv=None) -> None:
+    preemption = Preemption()  # first: a signal during start-up is noted, and acted on at the first check
     args = parse_command_line(__doc__, argv)
     cfg = load_config(args.config, args.overrides)
-    run_training(cfg)
+    try:
+        run_training(cfg, preemption)
+    except Preempted as stop:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_preempted_marker(cfg.train.out_dir, stop)
+            log.warning("%s; exiting with status %d, to be requeued", stop, PREEMPTED_EXIT)
+        preemption.finish()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(PREEMPTED_EXIT)
     if cfg.data.test_list:  # the multi-view test of eval.checkpoint (default: the last epoch), as eval.py runs it
         if dist.is_initialized():
             dist.barrier()  # rank 0 may still be writing the checkpoint

@@ -31,7 +31,7 @@ class Batch:
 
 def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: int = 1, device_id: int | None = None,
                  seed: int = 0, num_clips: int = 1, num_crops: int = 1, start_epoch: int = 0,
-                 start_batch: int = 0) -> "ClipLoader":
+                 start_batch: int = 0, batches_multiple: int = 1) -> "ClipLoader":
     """A loader of `split` ("train" | "val" | "test") for one rank.
 
     Args:
@@ -41,6 +41,9 @@ def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: in
         seed: everything random is a function of (seed, epoch, video), independent of ranks and workers.
         num_clips, num_crops: test split only: temporal clips x spatial crops (1 or 3) per video.
         start_epoch, start_batch: resume: the first `for` yields batches start_batch.. of epoch start_epoch.
+        batches_multiple: each epoch is padded to a multiple of this many batches (training: the accumulation
+            steps, so that an epoch is whole optimizer steps, as many on any number of processes; see
+            sampling.steps_per_epoch).
     """
     if cfg.device == "gpu" and device_id is None:
         raise ValueError("data.device is 'gpu' but no device_id was given (use data.device=cpu without a GPU)")
@@ -60,6 +63,7 @@ def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: in
     spec = clip_spec(cfg, split, dataset, num_clips, num_crops)
     return ClipLoader(dataset, spec, split=split, batch_size=batch_size, rank=rank, world_size=world_size,
                       device_id=device_id, seed=seed, start_epoch=start_epoch, start_batch=start_batch,
+                      batches_multiple=batches_multiple,
                       num_threads=cfg.num_threads, py_workers=cfg.py_workers, max_bad_fraction=cfg.max_bad_fraction)
 
 
@@ -132,12 +136,13 @@ class ClipLoader:
 
     def __init__(self, dataset: VideoDataset, spec: ClipSpec, *, split: str, batch_size: int, rank: int,
                  world_size: int, device_id: int | None, seed: int, start_epoch: int, start_batch: int,
-                 num_threads: int, py_workers: int, max_bad_fraction: float):
+                 num_threads: int, py_workers: int, max_bad_fraction: float, batches_multiple: int = 1):
         self.dataset, self.spec, self.split = dataset, spec, split
         self.batch_size, self.rank, self.world_size, self.device_id = batch_size, rank, world_size, device_id
         self.seed, self.num_threads, self.py_workers = seed, num_threads, py_workers
         self.max_bad_fraction = max_bad_fraction
-        self.steps = sampling.steps_per_epoch(len(dataset.videos), batch_size, world_size)
+        self.batches_multiple = batches_multiple
+        self.steps = sampling.steps_per_epoch(len(dataset.videos), batch_size, world_size, batches_multiple)
         if not 0 <= start_batch <= self.steps:
             raise ValueError(f"start_batch must be in [0, {self.steps}], got {start_batch}")
         if start_batch == self.steps:  # resuming after the last batch of an epoch = the start of the next
@@ -209,7 +214,7 @@ class ClipLoader:
     def _build(self, epoch: int, start_batch: int):
         source = ClipSource(self.dataset.videos, self.spec, seed=self.seed, rank=self.rank,
                             world_size=self.world_size, batch_size=self.batch_size, start_epoch=epoch,
-                            start_batch=start_batch)
+                            start_batch=start_batch, batches_multiple=self.batches_multiple)
         pipe = make_pipeline(source, self.batch_size, num_threads=self.num_threads, py_workers=self.py_workers,
                              device_id=self.device_id if self.spec.device == "gpu" else None,
                              seed=self.seed + self.rank)
@@ -222,7 +227,8 @@ class ClipLoader:
         log.warning("%s batch %d of epoch %d (rank %d) failed to decode (%s): decoding its videos one by one",
                     self.split, batch_number, self.epoch, self.rank, _dali_error_reason(error))
         source = ClipSource(self.dataset.videos, self.spec, seed=self.seed, rank=self.rank,
-                            world_size=self.world_size, batch_size=self.batch_size)
+                            world_size=self.world_size, batch_size=self.batch_size,
+                            batches_multiple=self.batches_multiple)  # the padded batches are in its epoch too
         names = self.spec.output_names()
         rows = []
         for j in range(self.batch_size):

@@ -47,9 +47,15 @@ def epoch_order(num_videos: int, seed: int, epoch: int, shuffle: bool) -> np.nda
     return np.arange(num_videos)
 
 
-def steps_per_epoch(num_videos: int, batch_size: int, world_size: int) -> int:
-    """Batches per rank and epoch once the epoch is padded to a multiple of world_size * batch_size."""
-    return max(1, math.ceil(num_videos / (world_size * batch_size)))
+def steps_per_epoch(num_videos: int, batch_size: int, world_size: int, batches_multiple: int = 1) -> int:
+    """Batches per rank and epoch once the epoch is padded to a multiple of world_size * batch_size *
+    batches_multiple.
+
+    Training passes its accumulation steps as `batches_multiple`: an epoch is then ceil(num_videos / global batch)
+    whole optimizer steps, a number that does not depend on how the global batch is split into processes and
+    micro-batches, and optimizer step s covers the positions [s * global batch, (s + 1) * global batch) of the
+    epoch's order (`global_position`) on any number of processes."""
+    return batches_multiple * max(1, math.ceil(num_videos / (world_size * batch_size * batches_multiple)))
 
 
 def global_position(rank_position: int, rank: int, world_size: int) -> int:

@@ -74,11 +74,11 @@ class ClipSource:
     """Per-sample source of one rank's share of each epoch (see the module docstring)."""
 
     def __init__(self, videos: list[VideoRecord], spec: ClipSpec, *, seed: int, rank: int, world_size: int,
-                 batch_size: int, start_epoch: int = 0, start_batch: int = 0):
+                 batch_size: int, start_epoch: int = 0, start_batch: int = 0, batches_multiple: int = 1):
         self.videos, self.spec, self.seed = videos, spec, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.start_epoch, self.start_batch = start_epoch, start_batch
-        self.steps = sampling.steps_per_epoch(len(videos), batch_size, world_size)
+        self.steps = sampling.steps_per_epoch(len(videos), batch_size, world_size, batches_multiple)
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._placeholder_cache = None
 

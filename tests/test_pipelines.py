@@ -29,7 +29,7 @@ from pipelines import build_loader, read_dataset, sampling
 from pipelines.loader import clip_spec, make_pipeline
 from pipelines import decode
 from pipelines.decode import demux_encoded, nvdec_unsupported
-from pipelines.sources import BAD, OK, ClipSource, ClipSpec
+from pipelines.sources import BAD, OK, PADDING, ClipSource, ClipSpec
 
 TEMPLATES = ["Holding [something] next to [something]", "Pushing [something] from left to right",
              "Dropping [something]"]
@@ -381,6 +381,41 @@ def test_two_ranks_cover_every_video_once(kinetics):
         seen += [i for b in batches for i in b.index.tolist()]
     assert sorted(seen) == list(range(5))
     assert sum(loader.last_epoch_summary()["padded"] for loader in loaders) == 3
+
+
+def test_an_optimizer_step_gets_the_same_clips_on_any_number_of_processes(kinetics):
+    """With the epoch padded to whole optimizer steps, step s covers the positions [s, s + 1) x B of the epoch's
+    order for every split of the global batch B into processes x micro-batch x accumulation, and an epoch is
+    ceil(videos / B) steps: a run resumed on another number of processes trains each step on the same clips."""
+    cfg = kinetics_cfg(kinetics)
+    data = read_dataset(cfg, "train", show_progress=False)
+    spec = clip_spec(cfg, "train", data)
+
+    def clips_of_each_step(world, micro, accum):  # world x micro x accum = 4 clips an optimizer step
+        steps = {}
+        for rank in range(world):
+            source = ClipSource(data.videos, spec, seed=3, rank=rank, world_size=world, batch_size=micro,
+                                batches_multiple=accum)
+            for position in range(source.steps * micro):
+                row = dict(zip(spec.output_names(), source.sample(2, position)))
+                steps.setdefault(position // (micro * accum), []).append(
+                    (int(row["index"]), int(row["status"]), float(row["scale"]), int(row["mirror"])))
+        return {step: sorted(rows) for step, rows in steps.items()}
+
+    reference = clips_of_each_step(2, 2, 1)
+    assert len(reference) == 2  # ceil(5 / 4)
+    for layout in ((1, 2, 2), (1, 1, 4), (4, 1, 1), (2, 1, 2)):
+        assert clips_of_each_step(*layout) == reference, layout
+    assert sorted(index for rows in reference.values() for index, status, *_ in rows if status != PADDING) == \
+        list(range(5))
+
+    # the loader: 3 batches of 2 an epoch, padded to 4 for 2 micro-batches a step (the last one all padding)
+    assert len(build_loader(cfg, "train", batch_size=2, seed=3)) == 3
+    padded = build_loader(cfg, "train", batch_size=2, seed=3, start_epoch=2, batches_multiple=2)
+    batches = run_epoch(padded)
+    assert len(padded) == len(batches) == 4 and batches[3][0] == []
+    assert [sorted(a + b) for (a, *_), (b, *_) in zip(batches[::2], batches[1::2])] == \
+        [[index for index, status, *_ in reference[step] if status != PADDING] for step in (0, 1)]
 
 
 def test_same_seed_same_batches_and_resume(kinetics):

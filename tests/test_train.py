@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ from models import KCenterViT
 from pipelines.loader import Batch
 from preprocess.make_demo_data import make_demo_dataset
 from runtime import TrainingLoss, empty_batch_loss
-from train import Trainer, build_schedule, check_resumable, evaluate, train_one_epoch
+from train import (Preempted, Preemption, Trainer, build_schedule, check_epoch_length, check_resumable, end_epoch,
+                   evaluate, saved_step_in_epoch, train_one_epoch)
 from config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,12 +107,44 @@ def test_schedule_warmup_then_cosine():
 def test_resume_refuses_a_run_with_other_settings():
     saved = Config()
     ckpt = {"config": saved.to_dict(), "rng": [{}, {}]}
-    check_resumable(ckpt, saved, 2, "runs/x/last.pt")  # the same run: resumes
+    check_resumable(ckpt, saved, "runs/x/last.pt")  # the same run: resumes
     other = Config()
-    other.train.batch_size, other.train.weight_decay = saved.train.batch_size * 2, 0.5  # decay may change
-    with pytest.raises(ValueError, match=rf"runs/x/last.pt .*train.batch_size: {saved.train.batch_size} -> "
-                                         rf"{other.train.batch_size}; world size: 2 -> 4 processes"):
-        check_resumable(ckpt, other, 4, "runs/x/last.pt")
+    other.train.micro_batch_size = saved.train.micro_batch_size // 2  # the same optimizer steps: resumes
+    check_resumable(ckpt, other, "runs/x/last.pt")
+    other.train.batch_size, other.train.seed, other.train.weight_decay = saved.train.batch_size * 2, 7, 0.5
+    with pytest.raises(ValueError, match=rf"runs/x/last.pt .*train.seed: 0 -> 7; train.batch_size: "
+                                         rf"{saved.train.batch_size} -> {other.train.batch_size}\. Resume"):
+        check_resumable(ckpt, other, "runs/x/last.pt")  # (decay may change)
+
+
+def legacy_checkpoint(world: int, micro: int, batch: int, batch_in_epoch: int) -> dict:
+    """A checkpoint as train.py wrote it before it stored the optimizer step of the epoch and the epoch's length."""
+    cfg = Config()
+    cfg.train.micro_batch_size, cfg.train.batch_size = micro, batch
+    return {"config": cfg.to_dict(), "rng": [{}] * world, "epoch": 1, "batch_in_epoch": batch_in_epoch}
+
+
+def test_the_optimizer_step_of_a_checkpoint_is_where_any_number_of_processes_resumes():
+    # 2 processes x micro 2 x accumulation 2 = batch 8: after batch 6 of an epoch, 3 optimizer steps were taken; a
+    # run of 1 process with accumulation 4 resumes at its batch 12, 4 processes with accumulation 1 at batch 3
+    assert saved_step_in_epoch(legacy_checkpoint(2, 2, 8, 6), "a/last.pt") == 3
+    assert saved_step_in_epoch({**legacy_checkpoint(2, 2, 8, 6), "step_in_epoch": 3}, "a/last.pt") == 3
+    with pytest.raises(ValueError, match=r"a/last.pt was written after batch 5 of epoch 1, inside an optimizer step "
+                                         r"of 2 accumulated micro-batches"):
+        saved_step_in_epoch(legacy_checkpoint(2, 2, 8, 5), "a/last.pt")
+
+
+def test_an_epoch_of_another_length_than_the_saved_runs_is_refused():
+    # 12 videos, 2 processes of 2, accumulation 2: the old epoch was 3 batches a rank, 1 whole optimizer step (the
+    # third batch dropped); padded to whole steps it is ceil(12 / 8) = 2
+    with pytest.raises(ValueError, match=r"a/last.pt was written by a run whose epochs were 1 optimizer steps; this "
+                                         r"run's are 2 \(12 training videos, train.batch_size 8\)"):
+        check_epoch_length(legacy_checkpoint(2, 2, 8, 0), 2, 12, "a/last.pt")
+    check_epoch_length(legacy_checkpoint(2, 2, 8, 0), 2, 16, "a/last.pt")  # 4 batches: 2 steps then and now
+    check_epoch_length(legacy_checkpoint(2, 4, 8, 0), 2, 12, "a/last.pt")  # accumulation 1: as it always was
+    check_epoch_length({**legacy_checkpoint(2, 2, 8, 0), "steps_per_epoch": 2}, 2, 12, "a/last.pt")
+    with pytest.raises(ValueError, match="epochs were 3 optimizer steps"):
+        check_epoch_length({**legacy_checkpoint(2, 2, 8, 0), "steps_per_epoch": 3}, 2, 12, "a/last.pt")
 
 
 # a model of 5 classes on clips of (3, 4, 32, 32)
@@ -179,7 +213,7 @@ def test_an_empty_micro_batch_skips_the_model_and_gives_every_parameter_a_zero_g
 def bare_trainer(model, batches: list, accum: int, **train_settings) -> Trainer:
     """A Trainer of one process on the CPU whose training loader is the list `batches`: no data on disk."""
     cfg = Config()
-    for key, value in dict(micro_batch_size=2, batch_size=2 * accum, save_every_steps=0, **train_settings).items():
+    for key, value in {"micro_batch_size": 2, "batch_size": 2 * accum, "save_every_steps": 0, **train_settings}.items():
         setattr(cfg.train, key, value)
     tr = Trainer.__new__(Trainer)
     tr.cfg, tr.rank, tr.world, tr.device, tr.accum, tr.amp_dtype = cfg, 0, 1, torch.device("cpu"), accum, None
@@ -212,6 +246,81 @@ def test_training_reads_the_loss_once_a_log_interval_and_logs_the_means_it_logge
     assert [value for name, value, _ in tr.writer.scalars if name == "train/loss"] == [running[1], running[3]]
     assert stats["loss"] == running[3]
     assert len(reads) == 3, reads  # at the two log steps and the epoch's end, not once a micro-batch
+
+
+class StopAfter:
+    """`Preemption.requested` of a run whose ranks agree on a stop at question `calls` + 1."""
+
+    def __init__(self, calls: int):
+        self.calls, self.asked, self.agreed = calls, 0, 0
+
+    def requested(self) -> int:
+        self.asked += 1
+        self.agreed = signal.SIGTERM if self.asked > self.calls else 0
+        return self.agreed
+
+
+def test_a_preemption_signal_is_noted_and_acted_on_at_the_next_question():
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        preemption = Preemption()
+        preemption.connect(1)
+        # the handler is installed, so that the signals sent below cannot end the test run
+        assert all(signal.getsignal(signum) == preemption._note for signum in previous)
+        assert preemption.requested() == 0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.requested() == signal.SIGUSR1 == preemption.agreed
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.requested() == signal.SIGTERM
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def recorded_saves(tr: Trainer) -> list:
+    saves = []
+    tr.save = lambda *args, **kw: saves.append((args, kw))
+    return saves
+
+
+def test_a_stop_comes_after_the_optimizer_step_it_was_asked_at_with_last_pt_written_there():
+    torch.manual_seed(0)
+    batches = [clip_batch(2 * i, 2) for i in range(8)]
+    tr = bare_trainer(KCenterViT(**SMALL), batches, accum=2)  # 4 steps of 2 micro-batches
+    saves, stop = recorded_saves(tr), StopAfter(1)
+    with pytest.raises(Preempted) as raised:
+        train_one_epoch(tr, 3, 0, stop)
+    assert stop.asked == 2 and tr.step == 2 and saves == [((3, 4), {})]  # after step 2, batch 4 of epoch 3
+    assert raised.value.record == {"signal": "SIGTERM", "stage": "training", "epoch": 3, "batch_in_epoch": 4,
+                                   "step": 2}
+
+    # a periodic checkpoint at that step is the one written
+    tr = bare_trainer(KCenterViT(**SMALL), batches, accum=2, save_every_steps=2)
+    saves = recorded_saves(tr)
+    with pytest.raises(Preempted):
+        train_one_epoch(tr, 0, 0, StopAfter(1))
+    assert saves == [((0, 4), {})]
+
+    # asked after every step but the epoch's last, which goes on to the epoch's end (validation, its checkpoint)
+    tr = bare_trainer(KCenterViT(**SMALL), batches, accum=2)
+    saves, stop = recorded_saves(tr), StopAfter(3)
+    train_one_epoch(tr, 0, 0, stop)
+    assert stop.asked == 3 and tr.step == 4 and saves == []
+
+
+def test_a_stop_during_validation_saves_the_epochs_end_with_its_validation_pending():
+    torch.manual_seed(0)
+    tr = bare_trainer(KCenterViT(**SMALL), [], accum=1, epochs=2)
+    tr.val_loader, tr.best_top1, tr.writer = [clip_batch(0, 2), clip_batch(2, 2)], -1.0, None
+    saves = recorded_saves(tr)
+    with pytest.raises(Preempted) as raised:
+        end_epoch(tr, 0, StopAfter(1))  # before the second batch
+    assert saves == [((1, 0), {"validation_pending": True})]
+    assert raised.value.record == {"signal": "SIGTERM", "stage": "validation", "epoch": 1, "batch_in_epoch": 0,
+                                   "step": 0}
+    saves.clear()
+    assert end_epoch(tr, 0, StopAfter(2))["videos"] == 4  # asked before each batch only
+    assert saves == [((1, 0), {"best": True})] and tr.best_top1 >= 0
 
 
 def test_validation_skips_an_empty_batch_and_scores_the_same():
@@ -372,7 +481,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, demo_root):
         "    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
         "    dist.all_gather(gathered, flat)\n"
         "    assert torch.equal(gathered[0], gathered[1]), 'ranks diverged'\n"
-        "    assert tr.step == 2 and tr.accum == 2, (tr.step, tr.accum)\n"  # 3 batches of 2 per rank: 1 step/epoch
+        "    assert tr.step == 4 and tr.accum == 2, (tr.step, tr.accum)\n"  # ceil(12 / 8) = 2 steps an epoch
         "    if dist.get_rank() == 0:\n"
         "        open(os.path.join(cfg.train.out_dir, 'ranks_identical'), 'w').write('ok')\n"
         "\n"
