@@ -11,7 +11,8 @@ files), made once under --work. For each size:
   config.py are taken out with `git archive` and run as they were);
 - read: `read_dataset` of today's readers with the index off (`data.index_dir=off`);
 - build: the first start with the index (the reader, then the index written), the index folder empty;
-- open: a start once the index exists (what every rank of every later run pays).
+- open: a start once the index exists (what every rank of every later run pays);
+- loader: `build_loader` of the training split once the index exists (torch and DALI imported before the clock).
 
 Columns: seconds of `read_dataset`; the main process's resident memory after it minus before it (MB; the
 interpreter and imports are left out) and its peak; the bytes a DALI worker receives (the pickled video list);
@@ -34,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MODES = ("before", "read", "build", "open")
+MODES = ("before", "read", "build", "open", "loader")
 
 # Run in a fresh interpreter: argv = code folder, config fields (JSON), index_dir or "", pickle path
 READ = r"""
@@ -45,6 +46,9 @@ def rss(field="VmRSS"):  # VmHWM: the peak (ru_maxrss would carry the parent's o
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 from config import DataConfig
 from pipelines.datasets import read_dataset
+if sys.argv[5] == "loader":  # build_loader's own imports (torch, DALI) before the clock starts
+    from pipelines.loader import build_loader
+    read_dataset = lambda cfg, split, show_progress: build_loader(cfg, split, batch_size=8).dataset
 fields = json.loads(sys.argv[2])
 if sys.argv[3]:
     fields["index_dir"] = sys.argv[3]
@@ -110,7 +114,7 @@ def measure(fields: dict, mode: str, baseline: Path, work: Path) -> dict:
     if mode == "build":
         shutil.rmtree(index_dir, ignore_errors=True)
     with tempfile.NamedTemporaryFile(suffix=".pickle") as blob:
-        result = run(READ, code, json.dumps(fields), index_dir, blob.name)
+        result = run(READ, code, json.dumps(fields), index_dir, blob.name, mode)
         result.update(run(WORKER, code, blob.name))
     return result
 
