@@ -196,3 +196,47 @@ def test_scancel_signals_each_worker_and_the_job_is_not_requeued(tmp_path, slurm
     assert (out / "preempted.json").exists()  # the workers saved all the same
     for log in rank_logs(out):
         assert log[:2] == ["start 0 SIG_IGN", "got SIGTERM"] and log[-1] == "exit 75 torchrun", log
+
+
+# ---------------------------------------------------------------------------------------------------- preemption
+
+
+def test_train_py_stopped_by_usr1_is_requeued_and_ends_as_a_run_never_stopped(tmp_path, slurm, demo_root):
+    # the real train.py under train.sbatch: `scancel --signal=USR1` mid-epoch (as Slurm's --signal before the time
+    # limit) -> every rank finishes its step, last.pt and preempted.json, the job requeued, the run resumed to its
+    # end; and its weights are those of the same job never signalled, bit for bit
+    import torch
+
+    overrides = [f"data.root={demo_root}", "data.val_list=", "data.test_list=", "data.py_workers=1",
+                 "data.num_threads=1", "model.drop_path_rate=0.0", "train.epochs=2", "train.batch_size=2",
+                 "train.micro_batch_size=1", "train.save_every_steps=1", "train.warmup_epochs=0.5"]
+    env = dict(slurm, CPU_PROCS_PER_NODE="2")
+
+    def run(name):
+        out = tmp_path / name
+        job = submit(env, "--nodes=1", f"--output={tmp_path}/{name}.out", "slurm/train.sbatch", "configs/demo.yaml",
+                     f"train.out_dir={out}", *overrides)
+        return out, job
+
+    straight, job = run("straight")
+    wait_until_gone(slurm, job, timeout=170)
+    assert job_record(slurm, job)["Restarts"] == "0"
+
+    stopped, job = run("stopped")
+    last, deadline = stopped / "last.pt", time.monotonic() + 120
+    while not (last.exists() and torch.load(last, map_location="cpu", weights_only=True)["step"] >= 1):
+        assert time.monotonic() < deadline, (tmp_path / "stopped.out").read_text()
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    wait_until_gone(slurm, job, timeout=170)
+    output = (tmp_path / "stopped.out").read_text()
+    record = job_record(slurm, job)
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), output
+    assert "preempted.json written: requeueing" in output
+    log = (stopped / "train.log").read_text()
+    assert log.count("exiting with status 75, to be requeued") == 1 and log.count("resumed from") == 1, log[-3000:]
+    assert not (stopped / "preempted.json").exists()
+
+    a, b = (torch.load(d / "last.pt", map_location="cpu", weights_only=True) for d in (straight, stopped))
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 8)  # 8 videos, 2 a step, 2 epochs
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
