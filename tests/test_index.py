@@ -7,6 +7,8 @@ import pickle
 
 import pytest
 
+pytest.importorskip("av", reason="needs PyAV")
+
 from bench.synthetic_lists import make_kinetics, make_ssv2
 from config import DataConfig
 from pipelines.datasets import read_dataset
