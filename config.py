@@ -164,6 +164,14 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # cap on optimizer steps per epoch (smoke runs); 0 = the whole epoch
     deterministic: bool = False  # GPU: deterministic kernels, so a rerun or resume gives bit-identical weights
     # (slower; see README). The CPU path is deterministic without it.
+    layer_decay: float = 1.0  # layer-wise learning-rate decay (VideoMAE --layer_decay, PySlowFast
+    # SOLVER.LAYER_DECAY): block i of depth trains at lr x layer_decay^(depth - i), the embeddings at
+    # layer_decay^(depth + 1), the final norm and head at lr; 1 = off
+    model_ema: bool = False  # also keep an exponential moving average of the weights (VideoMAE --model_ema),
+    # validated beside the model and saved in every checkpoint (eval.weights=ema tests it)
+    model_ema_decay: float = 0.9999  # its decay per optimizer step (VideoMAE --model_ema_decay)
+    model_ema_warmup: bool = False  # the decay ramps up as 1 - (1 + step)^(-2/3), capped at model_ema_decay (timm
+    # ModelEmaV3's warmup), so that the average soon forgets the random initial weights
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "micro_batch_size", "val_every_epochs", "log_every_steps"):
@@ -178,6 +186,10 @@ class TrainConfig:
         for name in ("min_lr", "warmup_epochs", "weight_decay", "clip_grad", "save_every_steps", "max_steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"train.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
+        if not 0.0 <= self.model_ema_decay < 1.0:
+            raise ValueError(f"train.model_ema_decay must be in [0, 1), got {self.model_ema_decay}")
 
 
 ENSEMBLES = ("sum_logits", "mean_softmax", "max")
@@ -192,12 +204,14 @@ class EvalConfig:
     ensemble: str = ""  # sum_logits | mean_softmax | max (of the logits) over a video's views; "" = the model
     # family's default, as the original code: sum_logits for the ViT
     out_dir: str = ""  # results.json and predictions.csv; default: train.out_dir
+    weights: str = "model"  # model | ema: the checkpoint's trained weights, or their moving average (train.model_ema)
 
     def __post_init__(self):
         _check_positive("eval.num_clips", self.num_clips)
         _check_positive("eval.batch_size", self.batch_size)
         _check_choice("eval.num_crops", self.num_crops, (1, 3))
         _check_choice("eval.ensemble", self.ensemble, ("",) + ENSEMBLES)
+        _check_choice("eval.weights", self.weights, ("model", "ema"))
         if not self.checkpoint:
             raise ValueError("eval.checkpoint must be 'last', 'best' or a path, got ''")
 

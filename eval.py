@@ -5,7 +5,8 @@
         [--save-patches DIR]
 
 The checkpoint is `--checkpoint`, else `eval.checkpoint`: last (train.out_dir/last.pt, the paper's protocol),
-best, or a path. Views are combined by `eval.ensemble` (default: the model family's, as the original: the sum of
+best, or a path; `eval.weights=ema` tests the moving average of its weights (a run with train.model_ema) instead of
+the trained weights. Views are combined by `eval.ensemble` (default: the model family's, as the original: the sum of
 the ViT's logits). The K-center starts of each view are a function of (train.seed, video, view), so the results
 do not depend on the batch size, the number of processes or the run.
 
@@ -180,11 +181,12 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
                           device_id=device.index if device.type == "cuda" else None, seed=cfg.train.seed,
                           num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops)
     check_checkpoint_fits(ckpt, cfg, checkpoint, loader.class_names)
-    load_model_weights(model, ckpt, checkpoint)
+    load_model_weights(model, ckpt, checkpoint, cfg.eval.weights)
     model.to(device)
     ensemble = cfg.eval.ensemble or model.test_ensemble
-    log.info("testing %s (epoch %d, step %d): %d clips x %d crops, views combined by %s", checkpoint, ckpt["epoch"],
-             ckpt["step"], cfg.eval.num_clips, cfg.eval.num_crops, ensemble)
+    log.info("testing %s (epoch %d, step %d, %s weights): %d clips x %d crops, views combined by %s", checkpoint,
+             ckpt["epoch"], ckpt["step"], "EMA" if cfg.eval.weights == "ema" else "trained", cfg.eval.num_clips,
+             cfg.eval.num_crops, ensemble)
     results = score_videos(model, loader, device, autocast_dtype(cfg, device), rank, cfg, ensemble, save_patches)
     results = gather_results(results, world)
     bad = gather_results({path: err for path, err in loader.bad_videos}, world) if world > 1 else None
@@ -192,7 +194,8 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
         loader.bad_videos[:] = sorted(bad.items())
     if rank != 0:
         return {}
-    info = {"path": os.path.abspath(checkpoint), "epoch": ckpt["epoch"], "step": ckpt["step"]}
+    info = {"path": os.path.abspath(checkpoint), "epoch": ckpt["epoch"], "step": ckpt["step"],
+            "weights": cfg.eval.weights}
     summary = write_results(out_dir, cfg, info, ensemble, results, loader)
     m = summary["metrics"]
     outcome = (f"top-1 {m.get('top1', float('nan')):.2f}%, top-5 {m.get('top5', float('nan')):.2f}%"

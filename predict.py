@@ -6,8 +6,10 @@ Any container, codec, size or frame rate PyAV (FFmpeg) reads; no preprocessing, 
 The checkpoint brings its own config (clip protocol, views, ensemble) and class names, so no annotation file is
 needed. Each video gets `eval.num_clips` temporal clips x `eval.num_crops` crops (Kinetics-trained checkpoints;
 one clip of uniform segments for SSv2), resized so the short side is the crop size, combined by the model family's
-ensemble; printed as a top-5 table. A video that cannot be read is reported by name, the others are still
-classified, and the exit status is 1 at the end.
+ensemble; printed as a top-5 table. `--weights ema` classifies with the moving average of the weights (a run with
+train.model_ema; the default is the checkpoint's eval.weights: `model`, the trained weights, unless its run set it).
+A video that cannot be read is reported by name, the others are still classified, and the exit status is 1 at the
+end.
 
 Probabilities are the softmax of the combined view scores: of the mean logit (sum_logits), the mean of the views'
 softmax (mean_softmax) or of the largest logit (max); they rank the classes as the ensemble does.
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the top-5 of every video (and the failures) here")
     parser.add_argument("--save-patches", metavar="DIR", help="a PNG of the patches K-center keeps, per video")
     parser.add_argument("--top", type=int, default=5, help="classes listed per video (default 5)")
+    parser.add_argument("--weights", choices=("model", "ema"), help="the trained weights or their moving average "
+                        "(train.model_ema); default: the checkpoint's eval.weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 
@@ -123,7 +127,10 @@ def main(argv=None) -> int:
                  f"eval.py and the run's config instead")
     device = torch.device(args.device)
     model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)), load_pretrained=False)
-    load_model_weights(model, ckpt, args.checkpoint)
+    try:
+        load_model_weights(model, ckpt, args.checkpoint, args.weights or cfg.eval.weights)
+    except ValueError as e:  # no EMA in the checkpoint, or weights that do not fit: the reason, not a traceback
+        sys.exit(f"error: {e}")
     model.to(device).eval()
     ensemble = cfg.eval.ensemble or model.test_ensemble
 

@@ -281,13 +281,22 @@ def _listed(problems: list[str], most: int) -> str:
     return "; ".join(problems[:most]) + (" ..." if len(problems) > most else "")
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
-    """The checkpoint's weights into `model`, or an error naming the file and every tensor that does not fit."""
-    problems = _misfits(model.state_dict(), ckpt["model"])
+# eval.weights -> the checkpoint entry holding them: the trained weights, or their moving average (train.model_ema)
+CHECKPOINT_WEIGHTS = {"model": "model", "ema": "model_ema"}
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: dict, path: str, weights: str = "model") -> None:
+    """The checkpoint's weights (`weights`: model | ema) into `model`, or an error naming the file and every tensor
+    that does not fit, or saying that the run that wrote it kept no moving average."""
+    if weights == "ema" and not isinstance(ckpt.get("model_ema"), dict):
+        raise ValueError(f"{path} holds no EMA weights ('model_ema'): the run that wrote it trained without "
+                         f"train.model_ema. Test its trained weights (eval.weights=model; predict.py --weights model)")
+    state = ckpt[CHECKPOINT_WEIGHTS[weights]]
+    problems = _misfits(model.state_dict(), state)
     if problems:
-        raise ValueError(f"{path}: its weights do not fit the model of this config ({len(problems)} problems: "
-                         f"{_listed(problems, 8)})")
-    model.load_state_dict(ckpt["model"])
+        raise ValueError(f"{path}: its {'EMA ' if weights == 'ema' else ''}weights do not fit the model of this "
+                         f"config ({len(problems)} problems: {_listed(problems, 8)})")
+    model.load_state_dict(state)
 
 
 def init_from_checkpoint(model: torch.nn.Module, ckpt: dict, path: str, skip: list[str]) -> tuple[list, list]:

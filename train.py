@@ -43,6 +43,7 @@ if __name__ != "__mp_main__":
     import numpy as np
     import torch
     import torch.distributed as dist
+    from timm.utils import ModelEmaV3
     from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
 
@@ -86,12 +87,57 @@ def build_schedule(optimizer, cfg: Config, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the model's parameter groups. With train.layer_decay below 1 each group starts at train.lr x its
+    `lr_scale`: `build_schedule` multiplies every group's initial rate by the same factor, so warmup and cosine reach
+    each layer in proportion and a layer's floor is train.min_lr x its scale, as in VideoMAE."""
+    groups = model.param_groups(cfg.train.weight_decay, cfg.train.layer_decay)
+    for group in groups:
+        if "lr_scale" in group:
+            group["lr"] = cfg.train.lr * group["lr_scale"]
+    if cfg.train.layer_decay != 1.0:
+        log_layer_decay(groups, cfg.train.layer_decay)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
+
+
+def log_layer_decay(groups: list[dict], layer_decay: float) -> None:
+    """A table of each layer's learning-rate scale and parameter count, logged once at start, so that the run's log
+    shows what the decay made of this model (rank 0 logs)."""
+    layers = {}
+    for group in groups:
+        scale, count = layers.get(group["layer_id"], (group["lr_scale"], 0))
+        layers[group["layer_id"]] = scale, count + sum(p.numel() for p in group["params"])
+    top = max(layers)  # the final norm and the head
+    rows = [f"{layer:>5}  {scale:10.6f}  {count:>11,}  "
+            f"{'embeddings' if layer == 0 else 'norm, head' if layer == top else f'block {layer - 1}'}"
+            for layer, (scale, count) in sorted(layers.items())]
+    log.info("layer-wise learning-rate decay %g (train.layer_decay): each layer at train.lr x its scale\n"
+             "layer       scale   parameters\n%s", layer_decay, "\n".join(rows))
+
+
+def build_ema(model: torch.nn.Module, cfg: Config):
+    """train.model_ema: timm's ModelEmaV3, a copy of `model` on its device whose weights follow the model's as an
+    exponential moving average, updated after each optimizer step; None when off.
+
+    Made from the model itself (not the DDP wrapper), after its weights are set and moved, as timm asks. ModelEmaV3
+    averages what the state dict holds, here the parameters only: the K-center sampler's buffers (frame layout,
+    patch coordinates) are not persistent, so the copy keeps its own, equal to the model's, and picks the same
+    tokens for the same seeds. Every rank keeps one (validation runs on every rank); they stay equal as the models
+    do. The average holds float32 weights: bf16/fp16 is only autocast, so no stochastic rounding is involved."""
+    if not cfg.train.model_ema:
+        return None
+    ema = ModelEmaV3(model, decay=cfg.train.model_ema_decay, use_warmup=cfg.train.model_ema_warmup)
+    ema.requires_grad_(False)  # moved by the average only
+    return ema
+
+
 # What a resumed run must share with the run that wrote last.pt to continue the same training. The number of
 # processes and train.micro_batch_size may change: train.batch_size fixes the clips of each optimizer step.
 RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size"],
                "model": ["arch", "num_tokens", "num_hybrid_frames", "num_segments", "img_size", "patch_size",
                          "embed_dim", "depth", "num_heads", "num_classes"],
-               "train": ["seed", "epochs", "batch_size", "max_steps_per_epoch", "lr", "min_lr", "warmup_epochs"]}
+               "train": ["seed", "epochs", "batch_size", "max_steps_per_epoch", "lr", "min_lr", "warmup_epochs",
+                         "layer_decay", "model_ema", "model_ema_decay", "model_ema_warmup"]}
 
 
 def check_resumable(ckpt: dict, cfg: Config, path: str) -> None:
@@ -287,6 +333,8 @@ class Trainer:
     RNG streams, a rank the saved run did not have starts a stream from (seed, rank, step), and the streams of
     ranks this run lacks end."""
 
+    ema = None  # train.model_ema: the moving average of the weights (`build_ema`)
+
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.accum = accumulation_steps(cfg, world)
@@ -307,12 +355,12 @@ class Trainer:
             init_from_checkpoint(self.model, read_checkpoint(cfg.model.init_from), cfg.model.init_from,
                                  cfg.model.init_skip)
         self.model.to(device)
+        self.ema = build_ema(self.model, cfg)  # of the weights the run starts from; a resume loads the saved one
         self.ddp = TrainingLoss(self.model, cfg.train.label_smoothing, cfg.train.micro_batch_size * self.accum)
         if world > 1:
             self.ddp = DistributedDataParallel(self.ddp)
             settle_gradient_buckets(self.ddp, self.model, device)
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr,
-                                           betas=cfg.train.betas)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         self.train_loader = self._loader("train", self.epoch, self.batch_in_epoch)
@@ -343,6 +391,12 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         load_model_weights(self.model, ckpt, self.last_path)
+        if self.ema is not None:
+            if "model_ema" not in ckpt:
+                raise ValueError(f"{self.last_path} was written by a run without train.model_ema, so there is no "
+                                 f"moving average to continue: resume with train.model_ema=false, or start a new "
+                                 f"run from its weights (model.init_from)")
+            load_model_weights(self.ema.module, ckpt, self.last_path, weights="ema")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
@@ -369,7 +423,8 @@ class Trainer:
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step_in_epoch": batch_in_epoch // self.accum,
                 "steps_per_epoch": self.steps_per_epoch, "validation_pending": validation_pending,
                 "step": self.step, "best_top1": self.best_top1, "rng": gather_rng_states(self.world),
-                "config": self.cfg.to_dict(), "class_names": list(self.train_loader.class_names)}
+                "config": self.cfg.to_dict(), "class_names": list(self.train_loader.class_names),
+                **({"model_ema": self.ema.module.state_dict()} if self.ema is not None else {})}
 
     def save(self, epoch: int, batch_in_epoch: int, best: bool = False, validation_pending: bool = False) -> None:
         state = self.checkpoint_state(epoch, batch_in_epoch, validation_pending)  # collective: every rank takes part
@@ -396,6 +451,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        if self.ema is not None:  # the step count drives ModelEmaV3's warmup (its first update copies the weights)
+            self.ema.update(self.model, step=self.step)
 
 
 def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preemption | None = None) -> dict:
@@ -433,7 +490,8 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
         if tr.writer and tr.step % cfg.train.log_every_steps == 0:
             elapsed, mean_loss = time.perf_counter() - start, loss_sum.item() / done_steps
             tr.writer.add_scalar("train/loss", mean_loss, tr.step)
-            tr.writer.add_scalar("train/lr", tr.optimizer.param_groups[0]["lr"], tr.step)
+            # the full rate (the head's, with train.layer_decay; every group's without)
+            tr.writer.add_scalar("train/lr", max(group["lr"] for group in tr.optimizer.param_groups), tr.step)
             tr.writer.add_scalar("train/clips_per_s_per_rank", sums["clips"] / elapsed, tr.step)
             tr.writer.add_scalar("train/data_wait_fraction", sums["wait"] / elapsed, tr.step)
             bar.set_postfix(loss=f"{mean_loss:.3f}")
@@ -462,6 +520,8 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
 def evaluate(tr: Trainer, loader, stop=None) -> tuple[dict | None, tuple | None]:
     """Single-view validation: top-1/top-5 over every video of the split exactly once (summed over ranks). The
     K-center starts are a function of (seed, video), the same every epoch, and draw nothing from the training RNG.
+    With train.model_ema the moving average is scored too (top1_ema, top5_ema), on the same clips with the same
+    K-center starts: each video is decoded once for both.
 
     Also returns the first clips seen and their seeds, for the picture of sampled patches.
 
@@ -469,7 +529,10 @@ def evaluate(tr: Trainer, loader, stop=None) -> tuple[dict | None, tuple | None]
         stop: asked before each batch, on every rank (`Preemption.requested`, a collective: every rank has as many
             batches); when it answers non-zero, validation ends there and the metrics are None."""
     tr.ddp.eval()
-    correct = torch.zeros(2, dtype=torch.float64, device=tr.device)  # correct@1, correct@5, summed on the device
+    ema = getattr(tr, "ema", None)  # a Trainer's attribute, None when off; a stand-in for one may lack it
+    models = [tr.model] + ([ema.module] if ema is not None else [])
+    # correct@1, correct@5 of each model, summed on the device
+    correct = torch.zeros(len(models), 2, dtype=torch.float64, device=tr.device)
     count, first = 0, None
     with torch.no_grad():
         for batch in tqdm(loader, desc="val", disable=tr.rank != 0, dynamic_ncols=True):
@@ -480,17 +543,20 @@ def evaluate(tr: Trainer, loader, stop=None) -> tuple[dict | None, tuple | None]
             seeds = kcenter_seeds(tr.cfg.train.seed, VAL_STARTS, 0, batch.index)
             if first is None:
                 first = batch.clips[: tr.cfg.train.num_vis_clips], seeds[: tr.cfg.train.num_vis_clips]
-            with torch.autocast(tr.device.type, dtype=tr.amp_dtype) if tr.amp_dtype else nullcontext():
-                logits = tr.model(batch.clips, seeds=seeds)
-            top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == batch.labels[:, None]
-            correct += torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).to(correct)
-            count += len(hits)
-    totals = torch.cat([correct, correct.new_tensor([count])])
+            for row, model in enumerate(models):
+                with torch.autocast(tr.device.type, dtype=tr.amp_dtype) if tr.amp_dtype else nullcontext():
+                    logits = model(batch.clips, seeds=seeds)
+                top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+                hits = top5 == batch.labels[:, None]
+                correct[row] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).to(correct)
+            count += len(batch.labels)
+    totals = torch.cat([correct.flatten(), correct.new_tensor([count])])
     if tr.world > 1:
         dist.all_reduce(totals)  # every rank, also one whose batches were all empty
-    correct1, correct5, count = totals.tolist()
-    metrics = {"top1": 100 * correct1 / max(count, 1), "top5": 100 * correct5 / max(count, 1), "videos": int(count)}
+    *sums, count = totals.tolist()
+    metrics = {"top1": 100 * sums[0] / max(count, 1), "top5": 100 * sums[1] / max(count, 1), "videos": int(count)}
+    if ema is not None:
+        metrics.update(top1_ema=100 * sums[2] / max(count, 1), top5_ema=100 * sums[3] / max(count, 1))
     return metrics, first
 
 
@@ -533,13 +599,16 @@ def end_epoch(tr: Trainer, epoch: int, preemption: Preemption) -> dict:
         if metrics is None:
             tr.save(epoch + 1, 0, validation_pending=True)
             raise Preempted(preemption.agreed, "validation", epoch + 1, 0, tr.step)
-        best = metrics["top1"] > tr.best_top1
+        best = metrics["top1"] > tr.best_top1  # the trained weights choose best.pt, which holds the EMA's too
         tr.best_top1 = max(tr.best_top1, metrics["top1"])
-        log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%% on %d videos", epoch, metrics["top1"],
-                 metrics["top5"], metrics["videos"])
+        ema = (f"; EMA weights: top-1 {metrics['top1_ema']:.2f}%, top-5 {metrics['top5_ema']:.2f}%"
+               if "top1_ema" in metrics else "")
+        log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%% on %d videos%s", epoch, metrics["top1"],
+                 metrics["top5"], metrics["videos"], ema)
         if tr.writer:
-            for key in ("top1", "top5"):
-                tr.writer.add_scalar(f"val/{key}", metrics[key], epoch)
+            for key in ("top1", "top5", "top1_ema", "top5_ema"):
+                if key in metrics:
+                    tr.writer.add_scalar(f"val/{key}", metrics[key], epoch)
             if vis is not None and cfg.train.num_vis_clips:
                 log_sampled_patches(tr, *vis, epoch)
     tr.save(epoch + 1, 0, best=best or tr.val_loader is None)
@@ -548,6 +617,9 @@ def end_epoch(tr: Trainer, epoch: int, preemption: Preemption) -> dict:
 
 def run_training(cfg: Config, preemption: Preemption | None = None) -> dict:
     """Training to cfg.train.epochs, from last.pt when there is one; raises `Preempted` (see `Preemption`)."""
+    if cfg.data.test_list and cfg.eval.weights == "ema" and not cfg.train.model_ema:  # now, not after the training
+        raise ValueError("eval.weights is 'ema' but train.model_ema is off: the checkpoints will hold no EMA weights "
+                         "for the test after training. Set train.model_ema=true, or eval.weights=model")
     preemption = preemption or Preemption()
     rank, world, device = setup_distributed(cfg)
     preemption.connect(world)

@@ -112,15 +112,49 @@ class KCenterViT(nn.Module):
         tokens, t_index, s_index = self.select_tokens(clip, start, seeds)
         return self.forward_tokens(tokens.to(self.pos_embed.dtype), t_index, s_index)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no decay on embeddings of position/time, the class token, norms and biases."""
+    # the parameters before the blocks: layer 0 of the layer-wise learning-rate decay
+    embedding_names = ("patch_embed", "cls_token", "pos_embed", "time_embed")
+
+    def layer_id(self, name: str) -> int:
+        """The layer of parameter `name` in layer-wise learning-rate decay, numbered as BEiT's and VideoMAE's
+        get_num_layer_for_vit: 0 the embeddings (all before the blocks), i + 1 block i (the whole block, whatever its
+        attention: the TimeSformer's temporal and spatial branches, the Motionformer's trajectory projections), depth
+        + 1 the final norm and the head. VideoMAE gives any name it does not know layer depth + 1; the time
+        embedding, which its ViT lacks, is an input embedding here and gets layer 0. A parameter of none of these
+        parts is an error, so that one added to the model is placed on purpose rather than at the full rate."""
+        part = name.split(".")[0]
+        if part == "blocks":
+            return int(name.split(".")[1]) + 1
+        if part in self.embedding_names:
+            return 0
+        if part in ("norm", "head"):
+            return len(self.blocks) + 1
+        raise ValueError(f"parameter {name!r} has no layer for layer-wise learning-rate decay: add it to "
+                         f"{type(self).__name__}.layer_id")
+
+    def param_groups(self, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+        """AdamW groups: no decay on embeddings of position/time, the class token, norms and biases.
+
+        layer_decay 1: the two groups (decayed, not), in the order earlier checkpoints hold their optimizer state.
+        Below 1 (layer-wise learning-rate decay, VideoMAE's --layer_decay), one group per layer and weight decay,
+        lowest layer first, each with `layer_id` and `lr_scale` = layer_decay ** (depth + 1 - layer_id): the final
+        norm and head at the full rate, block i at layer_decay ** (depth - i), the embeddings at layer_decay **
+        (depth + 1); the optimizer's builder multiplies the learning rate by it. The pretrained lower layers, which
+        fine-tuning should move least, are the ones slowed most."""
         no_decay = {"pos_embed", "time_embed", "cls_token"}
-        decay, rest = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (rest if p.ndim <= 1 or name in no_decay else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        named = [(name, p, p.ndim > 1 and name not in no_decay) for name, p in self.named_parameters()
+                 if p.requires_grad]
+        if layer_decay == 1.0:
+            return [{"params": [p for _, p, decayed in named if decayed], "weight_decay": weight_decay},
+                    {"params": [p for _, p, decayed in named if not decayed], "weight_decay": 0.0}]
+        depth, groups = len(self.blocks), {}
+        for name, p, decayed in named:
+            layer = self.layer_id(name)
+            group = groups.setdefault((layer, not decayed), {
+                "params": [], "weight_decay": weight_decay if decayed else 0.0, "layer_id": layer,
+                "lr_scale": layer_decay ** (depth + 1 - layer)})
+            group["params"].append(p)
+        return [groups[key] for key in sorted(groups)]
 
 
 def load_pretrained_2d(model: KCenterViT, source: str) -> list[str]:

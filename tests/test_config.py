@@ -58,6 +58,21 @@ def test_bad_configs_name_the_key_or_value(tmp_path, data, match):
         load_config(write(tmp_path, data))
 
 
+@pytest.mark.parametrize("override,match", [
+    ("train.layer_decay=0", r"train.layer_decay must be in \(0, 1\] \(1 = off\), got 0.0"),
+    ("train.layer_decay=1.5", r"train.layer_decay must be in \(0, 1\] \(1 = off\), got 1.5"),
+    ("train.model_ema=maybe", "train.model_ema must be bool, got str 'maybe'"),
+    ("train.model_ema_decay=1", r"train.model_ema_decay must be in \[0, 1\), got 1.0"),
+    ("train.model_ema_warmup=1", "train.model_ema_warmup must be bool"),
+    ("eval.weights=average", r"eval.weights must be one of \['model', 'ema'\], got 'average'"),
+])
+def test_layer_decay_and_ema_settings_are_checked(tmp_path, override, match):
+    cfg = load_config(write(tmp_path, {}))
+    assert (cfg.train.layer_decay, cfg.train.model_ema, cfg.eval.weights) == (1.0, False, "model")  # off by default
+    with pytest.raises((ValueError, TypeError), match=match):
+        load_config(write(tmp_path, {}), [override])
+
+
 def test_bad_overrides(tmp_path):
     path = write(tmp_path, {})
     with pytest.raises(ValueError, match="section.key=value"):
