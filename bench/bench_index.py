@@ -52,6 +52,8 @@ if sys.argv[5] == "loader":  # build_loader's own imports (torch, DALI) before t
 fields = json.loads(sys.argv[2])
 if sys.argv[3]:
     fields["index_dir"] = sys.argv[3]
+if sys.argv[5] == "loader" and fields["dataset"] == "ssv2":
+    fields["random_flip"] = False  # its classes name left and right
 cfg = DataConfig(**fields, device="cpu")
 before = rss()
 start = time.perf_counter()
@@ -81,7 +83,9 @@ print(json.dumps({"worker_mb": rss() - before, "frames": frames}))
 
 
 def run(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"a measuring process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
