@@ -57,6 +57,15 @@ class DataConfig:
     # "auto" = a .kcenter-index folder beside the annotation file (else ~/.cache/kcenter-video/index), a folder
     # (relative to root), or "off" (the lists are read in full at every start)
     index_dir: str = "auto"
+    # random erasing of each training clip, on the device after the loader (pipelines/batch_augment.py): one region
+    # in every frame of a clip, drawn from (seed, epoch, video). VideoMAE's --reprob --remode --recount, PySlowFast's
+    # AUG.RE_PROB, RE_MODE, RE_COUNT (their fine-tuning recipes: 0.25, pixel, 1)
+    re_prob: float = 0.0  # probability that a clip is erased; 0 = off
+    re_mode: str = "pixel"  # the fill: pixel (normal noise per pixel, the same in every frame) | rand (normal, per
+    # channel) | const (0: the mean colour, in the normalised space)
+    re_count: int = 1  # 1 to this many regions per erased clip, each of 1/count of the area drawn
+    re_area: tuple[float, float] = (0.02, 1 / 3)  # the fraction of the frame a region covers, uniform in this range
+    re_aspect: tuple[float, float] = (0.3, 1 / 0.3)  # its height / width, log-uniform in this range (timm's)
 
     def __post_init__(self):
         _check_choice("data.dataset", self.dataset, ("kinetics", "list", "ssv2"))
@@ -84,6 +93,15 @@ class DataConfig:
             raise ValueError(f"data.frame_start must be >= 0, got {self.frame_start}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not 0.0 <= self.re_prob <= 1.0:
+            raise ValueError(f"data.re_prob must be in [0, 1], got {self.re_prob}")
+        _check_choice("data.re_mode", self.re_mode, ("pixel", "rand", "const"))
+        _check_positive("data.re_count", self.re_count)
+        if not 0.0 < self.re_area[0] <= self.re_area[1] <= 1.0:
+            raise ValueError(f"data.re_area must be 0 < min <= max <= 1 (fractions of the frame), got "
+                             f"{list(self.re_area)}")
+        if not 0.0 < self.re_aspect[0] <= self.re_aspect[1]:
+            raise ValueError(f"data.re_aspect must be 0 < min <= max (height / width), got {list(self.re_aspect)}")
 
 
 ARCHS = ("vit", "timesformer", "motionformer")  # the families of models/__init__.py (ARCHS), by name
@@ -172,6 +190,14 @@ class TrainConfig:
     model_ema_decay: float = 0.9999  # its decay per optimizer step (VideoMAE --model_ema_decay)
     model_ema_warmup: bool = False  # the decay ramps up as 1 - (1 + step)^(-2/3), capped at model_ema_decay (timm
     # ModelEmaV3's warmup), so that the average soon forgets the random initial weights
+    # mixup / cutmix of each training micro-batch on the device, before the model (pipelines/batch_augment.py), with
+    # soft targets that take label_smoothing in. VideoMAE's --mixup --cutmix --mixup_prob --mixup_switch_prob
+    # --mixup_mode, PySlowFast's MIXUP.ALPHA, CUTMIX_ALPHA, PROB, SWITCH_PROB (their recipes: 0.8, 1.0, 1.0, 0.5, batch)
+    mixup: float = 0.0  # alpha of mixup's lambda ~ Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0  # alpha of cutmix's lambda (one box in every frame of a clip); 0 = off
+    mixup_prob: float = 1.0  # probability that a micro-batch (pair, clip: mixup_mode) is mixed
+    mixup_switch_prob: float = 0.5  # with mixup and cutmix both on: probability of cutmix
+    mixup_mode: str = "batch"  # batch | pair | elem: one draw per micro-batch, per pair of clips, per clip (timm's)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "micro_batch_size", "val_every_epochs", "log_every_steps"):
@@ -190,6 +216,17 @@ class TrainConfig:
             raise ValueError(f"train.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
         if not 0.0 <= self.model_ema_decay < 1.0:
             raise ValueError(f"train.model_ema_decay must be in [0, 1), got {self.model_ema_decay}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} (the alpha of Beta(alpha, alpha); 0 = off) must be >= 0, got "
+                                 f"{getattr(self, name)}")
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        _check_choice("train.mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
+        if (self.mixup or self.cutmix) and self.micro_batch_size == 1:
+            raise ValueError(f"train.mixup {self.mixup} / train.cutmix {self.cutmix} mix the clips of a micro-batch "
+                             f"with each other, and train.micro_batch_size 1 has no two to mix")
 
 
 ENSEMBLES = ("sum_logits", "mean_softmax", "max")

@@ -119,6 +119,10 @@ class TrainingLoss(torch.nn.Module):
     others. The zero is made here, inside the wrapped module's forward, because DDP only reduces the gradients of a
     backward that followed a forward through it.
 
+    The targets are (B,) class indices, smoothed here with `label_smoothing`, or (B, classes) probabilities (the soft
+    targets of mixup and cutmix, pipelines/batch_augment.py), which already hold their smoothing and are not smoothed
+    again; validation and testing score hard labels and never come here.
+
     Args:
         rows_per_step: clips of one optimizer step on this rank (micro-batch size x accumulation steps).
     """
@@ -134,8 +138,8 @@ class TrainingLoss(torch.nn.Module):
         # sum over the rows present / nominal rows per optimizer step on this rank: the accumulated gradient is the
         # mean over the step's clips (DDP averages the ranks), and a batch that lost a bad video, or all of them,
         # still counts its samples at the same weight
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing,
-                               reduction="sum") / self.rows_per_step
+        smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction="sum") / self.rows_per_step
         return loss, logits
 
 

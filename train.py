@@ -49,6 +49,7 @@ if __name__ != "__mp_main__":
 
     from models import build_model
     from pipelines import build_loader, read_dataset
+    from pipelines.batch_augment import BatchAugment
     from runtime import (TRAIN_STARTS, VAL_STARTS, TrainingLoss, autocast_dtype, init_from_checkpoint,
                          kcenter_seeds, load_model_weights, parse_command_line, read_checkpoint, resolve_checkpoint,
                          rng_state, save_checkpoint, set_rng_state, setup_distributed, setup_logging, write_atomic)
@@ -331,7 +332,8 @@ class Trainer:
     processes: the order of the float sums of each gradient (the all-reduce over processes, the accumulation of
     micro-batches), and, with dropout or drop path on, their draws: ranks that both runs have continue their saved
     RNG streams, a rank the saved run did not have starts a stream from (seed, rank, step), and the streams of
-    ranks this run lacks end."""
+    ranks this run lacks end; with mixup or cutmix on, the pairs mixed, since a micro-batch holds other clips (each
+    clip's random erasing stays: pipelines/batch_augment.py)."""
 
     ema = None  # train.model_ema: the moving average of the weights (`build_ema`)
 
@@ -456,7 +458,10 @@ class Trainer:
 
 
 def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preemption | None = None) -> dict:
-    """One epoch from batch `first_batch`; raises `Preempted` once a stop is agreed and saved (see `Preemption`)."""
+    """One epoch from batch `first_batch`; raises `Preempted` once a stop is agreed and saved (see `Preemption`).
+
+    Each micro-batch is erased and mixed (`BatchAugment`; nothing with the defaults) before the model, with draws
+    keyed by its position in the epoch on this rank: a resume at `first_batch` mixes as the run it continues."""
     cfg, model = tr.cfg, tr.ddp
     model.train()
     steps_left = tr.steps_per_epoch - first_batch // tr.accum
@@ -467,6 +472,7 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
     loss_sum = torch.zeros((), dtype=torch.float64, device=tr.device)
     start = time.perf_counter()
     batches = iter(tr.train_loader)
+    augment = BatchAugment.from_config(cfg)  # erasing, mixup, cutmix: a function of (seed, epoch, batch, video)
     batch_index, done_steps = first_batch, 0
     while done_steps < steps_left:
         t0 = time.perf_counter()
@@ -474,11 +480,12 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
         sums["wait"] += time.perf_counter() - t0
         if batch is None:
             break
+        clips, targets = augment(batch.clips, batch.labels, batch.index, epoch=epoch, batch=batch_index, rank=tr.rank)
         batch_index += 1
         last_micro = batch_index % tr.accum == 0
         with model.no_sync() if tr.world > 1 and not last_micro else nullcontext():
             seeds = kcenter_seeds(cfg.train.seed, TRAIN_STARTS, epoch, batch.index)  # K-center starts
-            loss, _ = tr.forward_loss(batch.clips, batch.labels, seeds)
+            loss, _ = tr.forward_loss(clips, targets, seeds)
             (tr.scaler.scale(loss) if tr.scaler else loss).backward()
         loss_sum += loss.detach()
         sums["clips"] += len(batch.labels)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Independent random streams per quantity, so that turning one augmentation off leaves the others unchanged.
-TEMPORAL, SCALE, CROP, FLIP, JITTER, AUGMENT = range(6)
+# Independent random streams per quantity, so that turning one augmentation off leaves the others unchanged. ERASE is
+# drawn on the device after the loader (pipelines/batch_augment.py), from the same (seed, epoch, video) keys.
+TEMPORAL, SCALE, CROP, FLIP, JITTER, AUGMENT, ERASE = range(7)
 
 COLOR_JITTER_PROB = 0.8  # the original applies the jitter when uniform() >= 0.2
 COLOR_JITTER_STRENGTH = 0.4  # brightness, contrast and saturation factors in 1 +- 0.4

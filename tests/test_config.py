@@ -52,6 +52,17 @@ def test_paper_configs_load():
     ({"eval": {"ensemble": "mean"}}, r"eval.ensemble must be one of .*'mean'"),
     ({"eval": {"checkpoint": ""}}, "eval.checkpoint must be 'last', 'best' or a path"),
     ({"train": {"deterministic": "yes"}}, "train.deterministic must be bool"),
+    ({"train": {"mixup": -0.2}}, r"train.mixup \(the alpha of Beta\(alpha, alpha\); 0 = off\) must be >= 0, got -0.2"),
+    ({"train": {"cutmix": "on"}}, "train.cutmix must be float, got str 'on'"),
+    ({"train": {"mixup_prob": 1.5}}, r"train.mixup_prob must be in \[0, 1\], got 1.5"),
+    ({"train": {"mixup_switch_prob": -0.1}}, r"train.mixup_switch_prob must be in \[0, 1\], got -0.1"),
+    ({"train": {"mixup_mode": "row"}}, r"train.mixup_mode must be one of \['batch', 'pair', 'elem'\], got 'row'"),
+    ({"train": {"cutmix": 1.0, "batch_size": 4, "micro_batch_size": 1}}, "train.micro_batch_size 1 has no two to mix"),
+    ({"data": {"re_prob": 2}}, r"data.re_prob must be in \[0, 1\], got 2"),
+    ({"data": {"re_mode": "noise"}}, r"data.re_mode must be one of \['pixel', 'rand', 'const'\], got 'noise'"),
+    ({"data": {"re_count": 0}}, "data.re_count must be > 0, got 0"),
+    ({"data": {"re_area": [0.4, 0.1]}}, r"data.re_area must be 0 < min <= max <= 1 .*got \[0.4, 0.1\]"),
+    ({"data": {"re_aspect": [0, 3]}}, r"data.re_aspect must be 0 < min <= max .*got \[0.0, 3.0\]"),
 ])
 def test_bad_configs_name_the_key_or_value(tmp_path, data, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -81,3 +92,23 @@ def test_bad_overrides(tmp_path):
         load_config(path, ["train.lrr=1"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_mixing_and_erasing_are_off_by_default_and_their_keys_load(tmp_path):
+    from pipelines.batch_augment import BatchAugment
+    for name in ("kcenter_vit_kinetics", "kcenter_vit_ssv2", "kcenter_timesformer_kinetics", "demo"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert (cfg.train.mixup, cfg.train.cutmix, cfg.data.re_prob) == (0.0, 0.0, 0.0)  # the paper's recipes
+        assert not BatchAugment.from_config(cfg).mixes
+    # VideoMAE's fine-tuning flags, as overrides
+    cfg = load_config(write(tmp_path, {}), ["train.mixup=0.8", "train.cutmix=1", "train.mixup_mode=pair",
+                                            "train.mixup_switch_prob=0.3", "data.re_prob=0.25", "data.re_mode=rand",
+                                            "data.re_count=2", "data.re_area=[0.05, 0.2]"])
+    augment = BatchAugment.from_config(cfg)
+    assert (augment.mixup, augment.cutmix, augment.mixup_mode, augment.mixup_switch_prob, augment.mixup_prob) == \
+        (0.8, 1.0, "pair", 0.3, 1.0)
+    assert (augment.re_prob, augment.re_mode, augment.re_count, augment.re_area, augment.re_aspect) == \
+        (0.25, "rand", 2, (0.05, 0.2), (0.3, 1 / 0.3))
+    assert (augment.seed, augment.num_classes, augment.label_smoothing) == (0, 400, 0.2)
+    cfg.save(str(tmp_path / "resolved.yaml"))
+    assert load_config(str(tmp_path / "resolved.yaml")) == cfg
