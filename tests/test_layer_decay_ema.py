@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip("av", reason="needs PyAV")  # predict and train read videos with it
+
 import predict
 import train
 from config import Config, config_from_dict
