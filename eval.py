@@ -10,9 +10,11 @@ the trained weights. Views are combined by `eval.ensemble` (default: the model f
 the ViT's logits). The K-center starts of each view are a function of (train.seed, video, view), so the results
 do not depend on the batch size, the number of processes or the run.
 
-Writes results.json (metrics, checkpoint, ensemble, counts, excluded videos, config) and predictions.csv (one row
-per video) to eval.out_dir (default: train.out_dir). Every video of the test list is scored exactly once across
-ranks; a video that cannot be decoded is listed under "excluded", never replaced by another.
+Writes results.json (metrics with the confusion matrix, checkpoint, ensemble, counts, excluded videos, config),
+predictions.csv (one row per video) and, for a labelled test list, confusion.png (that matrix as a heat map, each
+row normalised to the class's recall) to eval.out_dir (default: train.out_dir). Every video of the test list is
+scored exactly once across ranks; a video that cannot be decoded is listed under "excluded", never replaced by
+another.
 """
 from __future__ import annotations
 
@@ -38,9 +40,10 @@ if __name__ != "__mp_main__":
 
     from models import build_model
     from pipelines import build_loader
-    from runtime import (autocast_dtype, load_model_weights, parse_command_line, read_checkpoint,
-                         resolve_checkpoint, setup_distributed, setup_logging, view_seeds, write_atomic)
-    from vis import draw_sampled_patches, save_png
+    from runtime import (autocast_dtype, class_recall, count_confusion, load_model_weights, parse_command_line,
+                         read_checkpoint, resolve_checkpoint, setup_distributed, setup_logging, view_seeds,
+                         write_atomic)
+    from vis import draw_confusion_matrix, draw_sampled_patches, save_png
 
 log = logging.getLogger("kcenter")
 
@@ -62,14 +65,19 @@ def aggregate_views(logits: torch.Tensor, ensemble: str) -> torch.Tensor:
 
 
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
-    """Top-1/top-5 (%), per-class top-1 (%) and its mean over the classes present, from (N, K) scores."""
+    """Top-1/top-5 (%), per-class top-1 (%) and its mean over the classes present, and the confusion matrix of the
+    top-1 predictions (rows: true class, columns: prediction, in the order of `class_names`), from (N, K) scores
+    and (N,) labels."""
     ranked = np.argsort(-scores, axis=1, kind="stable")
     top1 = ranked[:, 0] == labels
     top5 = (ranked[:, :5] == labels[:, None]).any(1)
-    per_class = {name: 100.0 * float(top1[labels == c].mean()) for c, name in enumerate(class_names)
-                 if (labels == c).any()}
+    confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.int64)
+    count_confusion(confusion, torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(ranked[:, 0].copy()))
+    recall = class_recall(confusion)
+    per_class = {name: 100.0 * r for name, r in zip(class_names, recall.tolist()) if not np.isnan(r)}
     return {"top1": 100.0 * float(top1.mean()), "top5": 100.0 * float(top5.mean()),
             "mean_class_accuracy": float(np.mean(list(per_class.values()))), "per_class_top1": per_class,
+            "confusion_matrix": {"classes": list(class_names), "counts": confusion.tolist()},
             "videos": int(len(labels))}
 
 
@@ -135,7 +143,10 @@ def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, re
                "scored_videos": len(indices), "excluded": excluded, "missing": missing,
                "views": {"clips": cfg.eval.num_clips, "crops": cfg.eval.num_crops, "ensemble": ensemble},
                "config": cfg.to_dict()}
-    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2))
+    write_atomic(os.path.join(out_dir, "results.json"), results_text(summary))
+    if "confusion_matrix" in metrics:
+        save_png(draw_confusion_matrix(np.array(metrics["confusion_matrix"]["counts"]), loader.class_names),
+                 os.path.join(out_dir, "confusion.png"))
     rows = io.StringIO()
     writer = csv.writer(rows)
     writer.writerow(["path", "label", "prediction", "score", "top5", "top5_classes"])
@@ -146,6 +157,21 @@ def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, re
                          "|".join(loader.class_names[c] for c in top5)])
     write_atomic(os.path.join(out_dir, "predictions.csv"), rows.getvalue())
     return summary
+
+
+def results_text(summary: dict) -> str:
+    """results.json's text: indented, but a row of the confusion matrix a line (at 400 classes 400 lines, not
+    160,000)."""
+    confusion = summary["metrics"].get("confusion_matrix")
+    if confusion is None:
+        return json.dumps(summary, indent=2)
+    mark = "<confusion counts>"
+    text = json.dumps({**summary, "metrics": {**summary["metrics"], "confusion_matrix": {**confusion, "counts": mark}}},
+                      indent=2)
+    key = f'"counts": {json.dumps(mark)}'
+    indent = " " * (len(text.partition(key)[0]) - text.partition(key)[0].rfind("\n") - 1)
+    rows = ",\n".join(f"{indent}  {json.dumps(row)}" for row in confusion["counts"])
+    return text.replace(key, f'"counts": [\n{rows}\n{indent}]', 1)
 
 
 # model settings that do not change the function a trained model computes at test time

@@ -1,6 +1,6 @@
-"""What train.py and eval.py share: the command line, processes and devices, determinism, checkpoints; and the module
-DDP wraps in training (a module class needs torch where it is defined, which train.py does not import in DALI's
-spawned workers).
+"""What train.py and eval.py share: the command line, processes and devices, determinism, checkpoints, the confusion
+matrix; and the module DDP wraps in training (a module class needs torch where it is defined, which train.py does
+not import in DALI's spawned workers).
 
 Checkpoints hold tensors and plain Python values only (RNG states as tensors, the config as a dict), so every
 load uses `torch.load(..., weights_only=True)`: a file that would need to run code to load is refused, never
@@ -141,6 +141,30 @@ class TrainingLoss(torch.nn.Module):
         smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction="sum") / self.rows_per_step
         return loss, logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Confusion matrix: validation (train.py) and testing (eval.py) count the same way
+
+
+def count_confusion(confusion: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor) -> None:
+    """Adds each (true class, top-1 prediction) pair to `confusion` (K, K), in place: rows are the true class,
+    columns the prediction. One index_add_ on the flattened matrix, on the matrix's device (deterministic also
+    under torch.use_deterministic_algorithms, and exact in float64 up to 2**53 videos).
+
+    Args:
+        labels, predictions: (B,) int64 class indices, on the device of `confusion`.
+    """
+    K = confusion.shape[-1]
+    confusion.view(-1).index_add_(0, labels * K + predictions, torch.ones_like(labels, dtype=confusion.dtype))
+
+
+def class_recall(confusion: torch.Tensor) -> torch.Tensor:
+    """(..., K) float64 top-1 accuracy of each true class of (..., K, K) confusion matrices (the diagonal over the
+    row sum); NaN for a class without videos, so that `.nanmean(-1)` is the mean class accuracy over the classes
+    present."""
+    counts = confusion.double()
+    return counts.diagonal(dim1=-2, dim2=-1) / counts.sum(-1)  # 0 / 0 = NaN where a row is empty
 
 
 # ---------------------------------------------------------------------------------------------------------------

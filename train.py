@@ -51,9 +51,10 @@ if __name__ != "__mp_main__":
     from pipelines import build_loader, read_dataset
     from pipelines.batch_augment import BatchAugment
     from runtime import (TRAIN_STARTS, VAL_STARTS, TrainingLoss, autocast_dtype, init_from_checkpoint,
-                         kcenter_seeds, load_model_weights, parse_command_line, read_checkpoint, resolve_checkpoint,
-                         rng_state, save_checkpoint, set_rng_state, setup_distributed, setup_logging, write_atomic)
-    from vis import draw_sampled_patches
+                         class_recall, count_confusion, kcenter_seeds, load_model_weights, parse_command_line,
+                         read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                         setup_distributed, setup_logging, write_atomic)
+    from vis import draw_confusion_matrix, draw_sampled_patches
 else:
     # DALI's source workers (the processes above) ignore the preemption signals: Slurm signals every process of a
     # job step and torchrun a worker's whole process group, and a source worker that died of it would fail its
@@ -525,10 +526,11 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
 
 
 def evaluate(tr: Trainer, loader, stop=None) -> tuple[dict | None, tuple | None]:
-    """Single-view validation: top-1/top-5 over every video of the split exactly once (summed over ranks). The
-    K-center starts are a function of (seed, video), the same every epoch, and draw nothing from the training RNG.
-    With train.model_ema the moving average is scored too (top1_ema, top5_ema), on the same clips with the same
-    K-center starts: each video is decoded once for both.
+    """Single-view validation: top-1/top-5, the mean class accuracy (mean_class_acc, over the classes present) and
+    the confusion matrix of the top-1 predictions (confusion: K lists of K counts, rows the true class) over every
+    video of the split exactly once (summed over ranks). The K-center starts are a function of (seed, video), the
+    same every epoch, and draw nothing from the training RNG. With train.model_ema the moving average is scored too
+    (the same keys + _ema), on the same clips with the same K-center starts: each video is decoded once for both.
 
     Also returns the first clips seen and their seeds, for the picture of sampled patches.
 
@@ -538,8 +540,11 @@ def evaluate(tr: Trainer, loader, stop=None) -> tuple[dict | None, tuple | None]
     tr.ddp.eval()
     ema = getattr(tr, "ema", None)  # a Trainer's attribute, None when off; a stand-in for one may lack it
     models = [tr.model] + ([ema.module] if ema is not None else [])
-    # correct@1, correct@5 of each model, summed on the device
+    # correct@1, correct@5 of each model and its (K, K) confusion matrix, counted on the device; float64 (exact
+    # counts) so that one all_reduce sums them all
     correct = torch.zeros(len(models), 2, dtype=torch.float64, device=tr.device)
+    K = tr.cfg.model.num_classes
+    confusion = torch.zeros(len(models), K, K, dtype=torch.float64, device=tr.device)
     count, first = 0, None
     with torch.no_grad():
         for batch in tqdm(loader, desc="val", disable=tr.rank != 0, dynamic_ncols=True):
@@ -556,15 +561,31 @@ def evaluate(tr: Trainer, loader, stop=None) -> tuple[dict | None, tuple | None]
                 top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top5 == batch.labels[:, None]
                 correct[row] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).to(correct)
+                count_confusion(confusion[row], batch.labels, top5[:, 0])  # the prediction top-1 counted
             count += len(batch.labels)
-    totals = torch.cat([correct.flatten(), correct.new_tensor([count])])
+    totals = torch.cat([correct.flatten(), confusion.flatten(), correct.new_tensor([count])])
     if tr.world > 1:
         dist.all_reduce(totals)  # every rank, also one whose batches were all empty
-    *sums, count = totals.tolist()
-    metrics = {"top1": 100 * sums[0] / max(count, 1), "top5": 100 * sums[1] / max(count, 1), "videos": int(count)}
+    totals = totals.cpu()  # one copy to the host
+    sums, count = totals[:correct.numel()].tolist(), int(totals[-1])
+    confusion = totals[correct.numel():-1].view(len(models), K, K)
+    mean_class = 100 * torch.nan_to_num(class_recall(confusion).nanmean(-1), 0.0)  # (models,); 0 without videos
+    metrics = {"top1": 100 * sums[0] / max(count, 1), "top5": 100 * sums[1] / max(count, 1),
+               "mean_class_acc": float(mean_class[0]), "confusion": confusion[0].long().tolist(), "videos": count}
     if ema is not None:
-        metrics.update(top1_ema=100 * sums[2] / max(count, 1), top5_ema=100 * sums[3] / max(count, 1))
+        metrics.update(top1_ema=100 * sums[2] / max(count, 1), top5_ema=100 * sums[3] / max(count, 1),
+                       mean_class_acc_ema=float(mean_class[1]), confusion_ema=confusion[1].long().tolist())
     return metrics, first
+
+
+def log_confusion(tr: Trainer, metrics: dict, epoch: int) -> None:
+    """TensorBoard images of the validation's confusion matrices (val/confusion, val/confusion_ema), rows normalised
+    to each class's recall; the class names on the axes when there are few."""
+    names = getattr(tr.val_loader, "class_names", None)  # a stand-in loader (a list of batches) has none
+    for key in ("confusion", "confusion_ema"):
+        if key in metrics:
+            image = draw_confusion_matrix(np.array(metrics[key]), names)
+            tr.writer.add_image(f"val/{key}", image, epoch, dataformats="HWC")
 
 
 def log_sampled_patches(tr: Trainer, clips: torch.Tensor, seeds: torch.Tensor, epoch: int) -> None:
@@ -610,12 +631,13 @@ def end_epoch(tr: Trainer, epoch: int, preemption: Preemption) -> dict:
         tr.best_top1 = max(tr.best_top1, metrics["top1"])
         ema = (f"; EMA weights: top-1 {metrics['top1_ema']:.2f}%, top-5 {metrics['top5_ema']:.2f}%"
                if "top1_ema" in metrics else "")
-        log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%% on %d videos%s", epoch, metrics["top1"],
-                 metrics["top5"], metrics["videos"], ema)
+        log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, mean class %.2f%% on %d videos%s", epoch,
+                 metrics["top1"], metrics["top5"], metrics["mean_class_acc"], metrics["videos"], ema)
         if tr.writer:
-            for key in ("top1", "top5", "top1_ema", "top5_ema"):
+            for key in ("top1", "top5", "mean_class_acc", "top1_ema", "top5_ema", "mean_class_acc_ema"):
                 if key in metrics:
                     tr.writer.add_scalar(f"val/{key}", metrics[key], epoch)
+            log_confusion(tr, metrics, epoch)
             if vis is not None and cfg.train.num_vis_clips:
                 log_sampled_patches(tr, *vis, epoch)
     tr.save(epoch + 1, 0, best=best or tr.val_loader is None)

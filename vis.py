@@ -1,4 +1,5 @@
-"""Pictures of what K-center sampling keeps: every frame of a clip, unchosen patches dimmed, hybrid frames framed."""
+"""Pictures of what K-center sampling keeps (every frame of a clip, unchosen patches dimmed, hybrid frames framed) and
+of a confusion matrix (a heat map of each class's predictions)."""
 from __future__ import annotations
 
 import os
@@ -6,10 +7,12 @@ import tempfile
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 HYBRID_COLOUR = (255, 140, 0)  # border of frames kept whole
 PICK_COLOUR = (0, 200, 255)  # outline of k-center patches
+HEAT_LOW, HEAT_HIGH = (255, 255, 255), (8, 48, 107)  # a cell holding none of its row, and all of it
+EMPTY_ROW_COLOUR = (224, 224, 224)  # a class without videos in the split: no share to show
 
 
 def draw_sampled_patches(clip: torch.Tensor, t_index: torch.Tensor, s_index: torch.Tensor, patch_size: int,
@@ -41,6 +44,76 @@ def draw_sampled_patches(clip: torch.Tensor, t_index: torch.Tensor, s_index: tor
             canvas[y:y + H + 2 * border, x:x + W + 2 * border] = HYBRID_COLOUR
         canvas[y + border:y + border + H, x + border:x + border + W] = frames[t]
     return canvas
+
+
+def confusion_colours(counts: np.ndarray) -> np.ndarray:
+    """(K, K) counts (rows: true class, columns: prediction) -> (K, K, 3) uint8, a pixel a cell: the cell's share
+    of its row (on the diagonal, the class's recall) from HEAT_LOW (0) to HEAT_HIGH (1), linear in RGB; the rows of
+    classes without videos in EMPTY_ROW_COLOUR."""
+    counts = np.asarray(counts, np.float64)
+    rows = counts.sum(1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    low, high = np.array(HEAT_LOW, np.float64), np.array(HEAT_HIGH, np.float64)
+    colours = np.rint(low + share[..., None] * (high - low)).astype(np.uint8)
+    colours[rows[:, 0] == 0] = EMPTY_ROW_COLOUR
+    return colours
+
+
+def draw_confusion_matrix(counts: np.ndarray, class_names=None, max_labels: int = 50, margin: int = 4) -> np.ndarray:
+    """A heat map of a (K, K) confusion matrix, rows normalised (`confusion_colours`), classes in label order, with a
+    caption saying how to read it -> (H, W, 3) uint8.
+
+    Cells are sized to make the map about 800 pixels wide (at most 32; 2 pixels a class at 400 classes). With at
+    most `max_labels` classes and their names, the rows and columns carry the names (cells of at least 12 pixels,
+    the text's height), and cells of 24 pixels or more their counts; with more classes the map stands alone."""
+    counts = np.asarray(counts)
+    K = len(counts)
+    labelled = class_names is not None and K <= max_labels
+    assert not labelled or len(class_names) == K, f"{len(class_names)} class names for a matrix of {K} classes"
+    cell = min(32, max(12 if labelled else 1, 800 // K))
+    font = ImageFont.load_default()
+    names = [str(name) for name in class_names] if labelled else []
+    name_w = max((_text_size(font, name)[0] for name in names), default=0)
+    left = top = margin + (name_w + 4 if labelled else 0)
+    caption = ["rows: true class, columns: top-1 prediction",
+               "colour: share of the row, white 0 to dark blue 1" + (", grey: no videos" if (counts.sum(1) == 0).any()
+                                                                   else "")]
+    line_h = max(_text_size(font, line)[1] for line in caption) + 3
+    side = K * cell
+    width = max(left + side, margin + max(_text_size(font, line)[0] for line in caption)) + margin
+    image = Image.new("RGB", (width, top + side + 6 + len(caption) * line_h + margin), "white")
+    image.paste(Image.fromarray(confusion_colours(counts).repeat(cell, 0).repeat(cell, 1)), (left, top))
+    draw = ImageDraw.Draw(image)
+    for i, name in enumerate(names):
+        _put_text(draw, (left - 4, top + i * cell + cell / 2), name, font, (1, 0.5))
+        w, h = _text_size(font, name)  # the column's name, turned to read upwards, its end just above the map
+        if not w or not h:  # nothing inked (a name of spaces)
+            continue
+        strip = Image.new("L", (w, h))
+        _put_text(ImageDraw.Draw(strip), (0, 0), name, font, (0, 0), fill=255)
+        strip = strip.rotate(90, expand=True)
+        image.paste((0, 0, 0), (left + i * cell + (cell - h) // 2, top - 4 - w), mask=strip)
+    if labelled and cell >= 24:
+        rows = np.maximum(counts.sum(1), 1)
+        for (r, c), n in np.ndenumerate(counts):
+            _put_text(draw, (left + c * cell + cell / 2, top + r * cell + cell / 2), str(int(n)), font, (0.5, 0.5),
+                      fill=(255, 255, 255) if n / rows[r] > 0.5 else (0, 0, 0))
+    for j, line in enumerate(caption):
+        _put_text(draw, (margin, top + side + 6 + j * line_h), line, font, (0, 0))
+    return np.asarray(image)
+
+
+def _text_size(font, text: str) -> tuple[int, int]:
+    l, t, r, b = font.getbbox(text)
+    return r - l, b - t
+
+
+def _put_text(draw, xy, text: str, font, align, fill=(0, 0, 0)) -> None:
+    """`text` with the point `align` of its inked box ((0, 0) top left, (1, 0.5) middle of the right side, as
+    fractions of its width and height) at `xy`; without anchors, which bitmap fonts lack."""
+    l, t, r, b = font.getbbox(text)
+    draw.text((round(xy[0] - l - align[0] * (r - l)), round(xy[1] - t - align[1] * (b - t))), text, fill=fill,
+              font=font)
 
 
 def save_png(image: np.ndarray, path: str) -> None:

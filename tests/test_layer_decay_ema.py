@@ -170,12 +170,18 @@ def test_validation_scores_the_average_beside_the_model_on_the_same_clips():
     ema, tr.ema = tr.ema, None
     alone, vis = evaluate(tr, tr.val_loader)
     tr.ema = ema
-    assert metrics == {**alone, "top1_ema": 20.0, "top5_ema": 100.0}  # 1 of 5 videos is of class 0; 5 classes
+    # 1 of 5 videos is of class 0; 5 classes, each of one video: the average's confusion matrix is column 0
+    said_zero = [[int(c == 0) for c in range(tr.cfg.model.num_classes)] if r < 5 else [0] * tr.cfg.model.num_classes
+                 for r in range(tr.cfg.model.num_classes)]
+    assert metrics == {**alone, "top1_ema": 20.0, "top5_ema": 100.0, "mean_class_acc_ema": 20.0,
+                       "confusion_ema": said_zero}
     assert all(torch.equal(a, b) for a, b in zip(vis, ema_vis))
-    tr.cfg.train.num_vis_clips, saves = 0, []  # no pictures: the writer below records scalars only
+    tr.cfg.train.num_vis_clips, saves = 0, []  # no pictures of patches: the writer records the matrices only
     tr.save = lambda *args, **kw: saves.append((args, kw))
     assert train.end_epoch(tr, 0, StopAfter(99)) == metrics
-    assert [name for name, *_ in tr.writer.scalars] == ["val/top1", "val/top5", "val/top1_ema", "val/top5_ema"]
+    assert [name for name, *_ in tr.writer.scalars] == ["val/top1", "val/top5", "val/mean_class_acc", "val/top1_ema",
+                                                        "val/top5_ema", "val/mean_class_acc_ema"]
+    assert [name for name, *_ in tr.writer.images] == ["val/confusion", "val/confusion_ema"]
     assert saves == [((1, 0), {"best": True})]  # chosen by the model's top-1
 
 

@@ -221,7 +221,8 @@ def bare_trainer(model, batches: list, accum: int, **train_settings) -> Trainer:
     tr.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tr.steps_per_epoch, tr.step, tr.scaler, tr.train_loader = len(batches) // accum, 0, None, batches
     tr.scheduler = build_schedule(tr.optimizer, cfg, tr.steps_per_epoch)
-    tr.writer = SimpleNamespace(scalars=[], add_scalar=lambda *scalar: tr.writer.scalars.append(scalar))
+    tr.writer = SimpleNamespace(scalars=[], add_scalar=lambda *scalar: tr.writer.scalars.append(scalar), images=[],
+                                add_image=lambda *image, **kw: tr.writer.images.append(image))
     return tr
 
 
