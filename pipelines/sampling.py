@@ -1,5 +1,5 @@
-"""Everything random in the data path, as pure functions of (seed, epoch, video index), and the spatial geometry of
-the views (shared by the graphs and predict.py).
+"""Everything random in the data path, as pure functions of (seed, epoch, video index) (and of the augmented view of
+a training clip, data.num_sample), and the spatial geometry of the test views (shared by the graphs and predict.py).
 
 The sources call these in worker processes; nothing here depends on DALI's RNG, worker timing or the order in
 which samples are produced, so a resumed run (start_epoch, start_batch) gets exactly the batches it would have

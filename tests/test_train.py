@@ -115,6 +115,13 @@ def test_resume_refuses_a_run_with_other_settings():
     with pytest.raises(ValueError, match=rf"runs/x/last.pt .*train.seed: 0 -> 7; train.batch_size: "
                                          rf"{saved.train.batch_size} -> {other.train.batch_size}\. Resume"):
         check_resumable(ckpt, other, "runs/x/last.pt")  # (decay may change)
+    views = Config()
+    views.data.num_sample = 2  # twice the clips a step, each view with its own draws: another run
+    with pytest.raises(ValueError, match=r"data.num_sample: 1 -> 2"):
+        check_resumable(ckpt, views, "runs/x/last.pt")
+    older = {"config": {**saved.to_dict(), "data": {k: v for k, v in saved.to_dict()["data"].items()
+                                                     if k != "num_sample"}}, "rng": [{}]}
+    check_resumable(older, saved, "runs/x/last.pt")  # a checkpoint from before the key: num_sample 1
 
 
 def legacy_checkpoint(world: int, micro: int, batch: int, batch_in_epoch: int) -> dict:
