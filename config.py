@@ -66,6 +66,14 @@ class DataConfig:
     re_count: int = 1  # 1 to this many regions per erased clip, each of 1/count of the area drawn
     re_area: tuple[float, float] = (0.02, 1 / 3)  # the fraction of the frame a region covers, uniform in this range
     re_aspect: tuple[float, float] = (0.3, 1 / 0.3)  # its height / width, log-uniform in this range (timm's)
+    # repeated augmentation (VideoMAE --num_sample, PySlowFast AUG.NUM_SAMPLE; VideoMAE fine-tunes SSv2 with 2): each
+    # training video is decoded once and its clip augmented this many times, each view with its own crop scale and
+    # place, flip, colour jitter, RandAugment, erasing and K-center start (view 0 draws as with 1). As VideoMAE's,
+    # train.batch_size and micro_batch_size count videos: a micro-batch holds micro_batch_size x num_sample clips (the
+    # views of a video adjacent), an epoch is still ceil(videos / batch_size) optimizer steps, and the loss is the
+    # mean over the clips. VideoMAE also scales its lr by it (lr x total batch x num_sample / 256); train.lr is taken
+    # as it is, so scale it by hand to follow that recipe. Training only: validation and testing are unchanged
+    num_sample: int = 1
 
     def __post_init__(self):
         _check_choice("data.dataset", self.dataset, ("kinetics", "list", "ssv2"))
@@ -102,6 +110,9 @@ class DataConfig:
                              f"{list(self.re_area)}")
         if not 0.0 < self.re_aspect[0] <= self.re_aspect[1]:
             raise ValueError(f"data.re_aspect must be 0 < min <= max (height / width), got {list(self.re_aspect)}")
+        if self.num_sample < 1:
+            raise ValueError(f"data.num_sample (augmented views of each training video) must be >= 1, got "
+                             f"{self.num_sample}")
 
 
 ARCHS = ("vit", "timesformer", "motionformer")  # the families of models/__init__.py (ARCHS), by name

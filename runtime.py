@@ -124,7 +124,8 @@ class TrainingLoss(torch.nn.Module):
     again; validation and testing score hard labels and never come here.
 
     Args:
-        rows_per_step: clips of one optimizer step on this rank (micro-batch size x accumulation steps).
+        rows_per_step: clips of one optimizer step on this rank (micro-batch size x accumulation steps x
+            data.num_sample: every augmented view is a clip).
     """
 
     def __init__(self, model: torch.nn.Module, label_smoothing: float, rows_per_step: int):
@@ -176,16 +177,24 @@ def class_recall(confusion: torch.Tensor) -> torch.Tensor:
 TRAIN_STARTS, VAL_STARTS, TEST_STARTS = range(3)
 
 
-def kcenter_seeds(seed: int, stream: int, step, index: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 clip seeds from (seed, stream, step, video index): the K-center starts of a clip are a function
-    of these only, not of the batch it came in, the process that ran it or the RNG state.
+def kcenter_seeds(seed: int, stream: int, step, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) int64 clip seeds from (seed, stream, step, video index), and the augmented view of a training row with
+    data.num_sample > 1: the K-center starts of a clip are a function of these only, not of the batch it came in, the
+    process that ran it or the RNG state.
 
     Args:
         step: the epoch (training), 0 (validation), or the view of each row (testing; an int or a (B,) array).
         index: (B,) dataset index of each clip (CPU).
+        view: (B,) augmented view of each training row (Batch.view), or None. View 0 keeps the seed of a clip
+            without views (num_sample 1 starts where it always did); a view v >= 1 adds v to the key.
     """
     step = step.cpu().numpy() if isinstance(step, torch.Tensor) else step
-    return torch.from_numpy(mix_keys(seed, stream, step, index.cpu().numpy()).view(np.int64))
+    index = index.cpu().numpy()
+    seeds = mix_keys(seed, stream, step, index)
+    if view is not None and bool((view > 0).any()):
+        view = view.cpu().numpy()
+        seeds = np.where(view > 0, mix_keys(seed, stream, step, index, view), seeds)
+    return torch.from_numpy(seeds.view(np.int64))
 
 
 def view_seeds(seed: int, index: torch.Tensor, num_views: int) -> torch.Tensor:

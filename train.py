@@ -135,7 +135,8 @@ def build_ema(model: torch.nn.Module, cfg: Config):
 
 # What a resumed run must share with the run that wrote last.pt to continue the same training. The number of
 # processes and train.micro_batch_size may change: train.batch_size fixes the clips of each optimizer step.
-RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size"],
+RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size",
+                        "num_sample"],
                "model": ["arch", "num_tokens", "num_hybrid_frames", "num_segments", "img_size", "patch_size",
                          "embed_dim", "depth", "num_heads", "num_classes"],
                "train": ["seed", "epochs", "batch_size", "max_steps_per_epoch", "lr", "min_lr", "warmup_epochs",
@@ -359,7 +360,9 @@ class Trainer:
                                  cfg.model.init_skip)
         self.model.to(device)
         self.ema = build_ema(self.model, cfg)  # of the weights the run starts from; a resume loads the saved one
-        self.ddp = TrainingLoss(self.model, cfg.train.label_smoothing, cfg.train.micro_batch_size * self.accum)
+        # the loss is the mean over a step's clips: with data.num_sample N, N augmented views of each video
+        self.ddp = TrainingLoss(self.model, cfg.train.label_smoothing,
+                                cfg.train.micro_batch_size * self.accum * cfg.data.num_sample)
         if world > 1:
             self.ddp = DistributedDataParallel(self.ddp)
             settle_gradient_buckets(self.ddp, self.model, device)
@@ -481,11 +484,12 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
         sums["wait"] += time.perf_counter() - t0
         if batch is None:
             break
-        clips, targets = augment(batch.clips, batch.labels, batch.index, epoch=epoch, batch=batch_index, rank=tr.rank)
+        clips, targets = augment(batch.clips, batch.labels, batch.index, epoch=epoch, batch=batch_index, rank=tr.rank,
+                                 view=batch.view)
         batch_index += 1
         last_micro = batch_index % tr.accum == 0
         with model.no_sync() if tr.world > 1 and not last_micro else nullcontext():
-            seeds = kcenter_seeds(cfg.train.seed, TRAIN_STARTS, epoch, batch.index)  # K-center starts
+            seeds = kcenter_seeds(cfg.train.seed, TRAIN_STARTS, epoch, batch.index, batch.view)  # K-center starts
             loss, _ = tr.forward_loss(clips, targets, seeds)
             (tr.scaler.scale(loss) if tr.scaler else loss).backward()
         loss_sum += loss.detach()

@@ -20,12 +20,18 @@ Videos: `--videos N` synthetic 340x256 30 fps H.264 clips of 10 s (textured, mov
 encoded as preprocess/resize_kinetics.py encodes (x264 medium, crf 23, a keyframe every 32 frames, B-frames), in
 its layout, with an official-format CSV.
 
+Repeated augmentation (`--num-sample N`, data.num_sample): the DALI pipeline alone, with num_sample 1 and N side by
+side in the same rounds; each decoded clip gives N augmented clips, so augmented clips/s should approach N times those
+of num_sample 1 as far as decoding dominates. The ratio is against num_sample 1 (the peers have no such mode).
+
     python bench/bench_pipeline.py                      # CPU
     python bench/bench_pipeline.py --device gpu         # a GPU node: NVDEC + GPU augmentation
+    python bench/bench_pipeline.py --num-sample 2       # augmented clips/s with 2 views of each decoded clip
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -241,6 +247,17 @@ def ratios(median: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def repeat_ratios(rates: dict[str, list[float]], num_sample: int) -> dict:
+    """Augmented clips/s with `num_sample` views of each decoded clip against num_sample 1: the ratio of the medians,
+    and the median of each round's ratio (the two loaders of a round ran one after the other, so under a load that
+    changes from round to round the paired ratio is the steadier one); videos/s are clips/s / num_sample."""
+    repeated, single = rates[f"dali_num_sample_{num_sample}"], rates["dali_pipeline"]
+    paired = [r / s for r, s in zip(repeated, single)]
+    return {"clips_ratio_vs_num_sample_1": round(statistics.median(repeated) / statistics.median(single), 2),
+            "clips_ratio_per_round": [round(r, 2) for r in paired],
+            "clips_ratio_median_of_rounds": round(statistics.median(paired), 2)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -256,6 +273,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=12, help="batches timed per round")
     parser.add_argument("--warmup", type=int, default=3, help="batches before the clock starts, per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
+    parser.add_argument("--num-sample", type=int, default=1,
+                        help="> 1: the DALI pipeline alone, with data.num_sample 1 and this many augmented views of "
+                             "each decoded clip (clips/s count every view)")
     args = parser.parse_args(argv)
 
     root = make_videos(Path(args.work), args.videos)
@@ -275,6 +295,10 @@ def main(argv=None) -> int:
                "decode_floor": torch_loader(DecodeOnly)}
     if device.type == "cuda":
         loaders["torchcodec_cuda"] = lambda: torchcodec_cuda_batches(paths, cfg, args.batch_size, device)
+    if args.num_sample > 1:  # batch_size counts videos: a batch holds batch_size x num_sample augmented clips
+        repeated = dataclasses.replace(cfg, num_sample=args.num_sample)
+        loaders = {"dali_pipeline": loaders["dali_pipeline"],
+                   f"dali_num_sample_{args.num_sample}": lambda: pipeline_batches(repeated, args.batch_size, device)}
     rates, left_out = {name: [] for name in loaders}, {}
     for _ in range(args.rounds):  # alternate, so that load from other processes hits both alike
         for name, make in loaders.items():
@@ -296,9 +320,9 @@ def main(argv=None) -> int:
     print(json.dumps(dict(
         device=args.device, clip=f"{args.num_frames}x{args.crop}x{args.crop} rate {args.sampling_rate}",
         videos=f"{args.videos} x {WIDTH}x{HEIGHT} {FPS} fps {SECONDS} s H.264 {ENCODE}", batch_size=args.batch_size,
-        workers=args.workers, threads=args.threads, cpus=os.cpu_count(),
+        workers=args.workers, threads=args.threads, cpus=os.cpu_count(), num_sample=args.num_sample,
         **{name: round(value, 2) for name, value in median.items()},
-        **ratios(median), left_out=left_out,
+        **(repeat_ratios(rates, args.num_sample) if args.num_sample > 1 else ratios(median)), left_out=left_out,
         rounds={name: [round(v, 2) for v in values] for name, values in rates.items()})))
     return 0
 

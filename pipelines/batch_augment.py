@@ -5,11 +5,13 @@ clip, then mixup or cutmix across the micro-batch, with soft targets. They are V
 come before the model, so before K-center sampling: the sampler chooses among the patches of the erased, mixed clips.
 
 Every draw is a function of the run's seed and a position, never of an RNG state. Erasing is a function of (seed,
-epoch, video) (`sampling.sample_rng`, stream ERASE), like the loader's own augmentation: a clip is erased alike in any
-batch and on any number of processes. Mixing is a function of (seed, epoch, micro-batch of the epoch, rank)
-(`mixing_rng`): a resumed run restarts at the same micro-batch of its epoch and mixes as the run it continues. A run
-resumed on another number of processes (or micro-batch size) groups other clips into each micro-batch, so its pairs,
-and so its mixed clips, differ from the run that wrote the checkpoint; each clip's erasing stays the same.
+epoch, video) (`sampling.sample_rng`, stream ERASE), and of the view with data.num_sample > 1 (each augmented view of
+a video is erased on its own, as VideoMAE erases in each `_aug_frame`), like the loader's own augmentation: a clip is
+erased alike in any batch and on any number of processes. Mixing is a function of (seed, epoch, micro-batch of the
+epoch, rank) (`mixing_rng`), over the micro-batch's rows, every view a row: a resumed run restarts at the same
+micro-batch of its epoch and mixes as the run it continues. A run resumed on another number of processes (or
+micro-batch size) groups other clips into each micro-batch, so its pairs, and so its mixed clips, differ from the run
+that wrote the checkpoint; each clip's erasing stays the same.
 
 timm's `Mixup` and `RandomErasing` (timm.data) are not used as they are: they draw from the global RNGs (numpy's and
 Python's `random` for the parameters, torch's for the noise). That state belongs to the process and moves with every
@@ -62,13 +64,13 @@ class ErasedRegion:
 
 
 def erased_regions(seed: int, epoch: int, index: int, channels: int, height: int, width: int, *, prob: float,
-                   mode: str, count: int, area: tuple[float, float],
-                   aspect: tuple[float, float]) -> list[ErasedRegion]:
-    """The regions random erasing draws for video `index` in `epoch`, as timm's RandomErasing: with probability
-    `prob`, 1 to `count` regions. Each covers a fraction of the frame uniform in `area`, divided by the number of
-    regions, with a height / width log-uniform in `aspect`, at a uniform place where it fits; a region that does not
-    fit is drawn again, up to ERASE_ATTEMPTS times, and then left out."""
-    rng = sample_rng(seed, epoch, index, ERASE)
+                   mode: str, count: int, area: tuple[float, float], aspect: tuple[float, float],
+                   view: int = 0) -> list[ErasedRegion]:
+    """The regions random erasing draws for video `index` (its augmented view `view`) in `epoch`, as timm's
+    RandomErasing: with probability `prob`, 1 to `count` regions. Each covers a fraction of the frame uniform in
+    `area`, divided by the number of regions, with a height / width log-uniform in `aspect`, at a uniform place where
+    it fits; a region that does not fit is drawn again, up to ERASE_ATTEMPTS times, and then left out."""
+    rng = sample_rng(seed, epoch, index, ERASE, view)
     if not rng.random() < prob:
         return []
     number = int(rng.integers(1, count + 1)) if count > 1 else 1  # drawn only when it can vary, as timm
@@ -89,7 +91,7 @@ def erased_regions(seed: int, epoch: int, index: int, channels: int, height: int
 
 
 def erase_clips(clips: Tensor, index: Tensor, seed: int, epoch: int, *, prob: float, mode: str, count: int,
-                area: tuple[float, float], aspect: tuple[float, float]) -> Tensor:
+                area: tuple[float, float], aspect: tuple[float, float], view: Tensor | None = None) -> Tensor:
     """(B, C, T, H, W) clips with each clip's `erased_regions` erased in all T frames: a new tensor, or `clips` itself
     when no clip has a region.
 
@@ -99,12 +101,14 @@ def erase_clips(clips: Tensor, index: Tensor, seed: int, epoch: int, *, prob: fl
 
     Args:
         index: (B,) dataset index of each row (CPU).
+        view: (B,) augmented view of each row (CPU; data.num_sample > 1), or None: every row is view 0.
     """
     if not prob or not len(clips):
         return clips
     _, channels, _, height, width = clips.shape
+    views = view.tolist() if view is not None else [0] * len(index)
     drawn = [erased_regions(seed, epoch, video, channels, height, width, prob=prob, mode=mode, count=count,
-                            area=area, aspect=aspect) for video in index.tolist()]
+                            area=area, aspect=aspect, view=v) for video, v in zip(index.tolist(), views)]
     if not any(drawn):
         return clips
     out = clips.clone()
@@ -236,17 +240,18 @@ class BatchAugment:
     def mixes(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
 
-    def __call__(self, clips: Tensor, labels: Tensor, index: Tensor, *, epoch: int, batch: int,
-                 rank: int) -> tuple[Tensor, Tensor]:
+    def __call__(self, clips: Tensor, labels: Tensor, index: Tensor, *, epoch: int, batch: int, rank: int,
+                 view: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(clips, targets) of one micro-batch: the targets are the (B,) labels as they are when mixing is off, else
         (B, num_classes) soft targets with the label smoothing in them (`runtime.TrainingLoss` takes both).
 
         Args:
             index: (B,) dataset index of each row (CPU).
             batch: the micro-batch's position in the epoch on this rank, from 0 (the loader's, also after a resume).
+            view: (B,) augmented view of each row (CPU; Batch.view), or None: every row is view 0.
         """
         clips = erase_clips(clips, index, self.seed, epoch, prob=self.re_prob, mode=self.re_mode,
-                            count=self.re_count, area=self.re_area, aspect=self.re_aspect)
+                            count=self.re_count, area=self.re_area, aspect=self.re_aspect, view=view)
         if not self.mixes:
             return clips, labels
         mixing = draw_mixing(mixing_rng(self.seed, epoch, batch, rank), len(labels), *clips.shape[-2:],

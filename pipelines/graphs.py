@@ -6,7 +6,8 @@ after it runs where its input is. Random parameters are never drawn here: they a
 per-sample inputs (see sampling.py), so the output depends only on (seed, epoch, video).
 
 Shapes: a decoded clip is (F, H, W, 3) uint8, F = num_clips * num_frames; outputs are (C, T, S, S) float32
-(train, val) or (V, C, T, S, S) with V = num_clips * num_crops, clip-major (test).
+(train, val), (N, C, T, S, S) in training with num_sample N > 1 (N augmented views of the one decoded clip), or
+(V, C, T, S, S) with V = num_clips * num_crops, clip-major (test).
 """
 from __future__ import annotations
 
@@ -166,16 +167,33 @@ def rand_augment_suite(spec: RandAugmentSpec) -> list:
             aug.identity]
 
 
-def rand_augment(clip, sample: dict, spec: ClipSpec):
-    """Apply the clip's RandAugment layers (ops, bins, signs drawn by the source) to every frame alike."""
+def rand_augment(clip, params: dict, spec: ClipSpec):
+    """Apply the clip's RandAugment layers (ops, bins, signs drawn by the source: `params`, see view_params) to every
+    frame alike."""
     suite = rand_augment_suite(spec.rand_augment)
     fill = round(255 * spec.mean[0])  # timm fills with the mean colour
     shape = clip.shape(dtype=types.FLOAT)[1:3]  # (H, W) of the frames, for relative translations
     for layer in range(spec.rand_augment.num_ops):
-        magnitude = signed_bin(sample["augment_bins"][layer], random_sign=sample["augment_signs"][layer])
-        clip = select(suite, sample["augment_ops"][layer], data=clip, magnitude_bin=magnitude,
+        magnitude = signed_bin(params["augment_bins"][layer], random_sign=params["augment_signs"][layer])
+        clip = select(suite, params["augment_ops"][layer], data=clip, magnitude_bin=magnitude,
                       num_magnitude_bins=RandAugmentSpec.MAGNITUDE_BINS, fill_value=fill, shape=shape)
     return clip
+
+
+def view_params(sample: dict, spec: ClipSpec, view: int) -> dict:
+    """The source's random parameters of augmented view `view`, by their names (ClipSpec.train_param_names)."""
+    return {name: sample[spec.view_name(name, view)] for name in spec.train_param_names()}
+
+
+def augment_view(clip, params: dict, spec: ClipSpec):
+    """(C, T, S, S) float32: one augmented view of the decoded (F, H, W, 3) clip, from its parameters `params`:
+    RandAugment on the decoded frames (before the resize, as the original: its translations are relative), the
+    jittered window, flip, normalisation and colour jitter."""
+    if spec.rand_augment:
+        clip = rand_augment(clip, params, spec)
+    crop_pos = params["crop_pos"]
+    clip = resized_crop(clip, spec.crop_size, params["scale"], crop_pos[0], crop_pos[1], params["mirror"])
+    return normalize(clip, spec, params["jitter"] if spec.color_jitter else None)
 
 
 def uniform_crops(clip, spec: ClipSpec):
@@ -206,12 +224,10 @@ OUTPUT_NAMES = ["clips", "labels", "index", "status", "message"]
 def train_pipeline(source: ClipSource, parallel: bool):
     spec = source.spec
     sample = read_sample(source, parallel)
-    clip = decode_clip(sample, spec)
-    if spec.rand_augment:  # on the decoded frames, before the resize, as the original (translations are relative)
-        clip = rand_augment(clip, sample, spec)
-    crop_pos = sample["crop_pos"]
-    clip = resized_crop(clip, spec.crop_size, sample["scale"], crop_pos[0], crop_pos[1], sample["mirror"])
-    return outputs(normalize(clip, spec, sample["jitter"] if spec.color_jitter else None), sample, spec)
+    clip = decode_clip(sample, spec)  # once, whatever the number of views: each view augments the same frames
+    views = [augment_view(clip, view_params(sample, spec, view), spec) for view in range(spec.num_sample)]
+    # (C, T, S, S), or (N, C, T, S, S) for data.num_sample N > 1 (the loader makes them N rows of its batch)
+    return outputs(views[0] if len(views) == 1 else fn.stack(*views), sample, spec)
 
 
 @pipeline_def(py_start_method="spawn")

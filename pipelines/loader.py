@@ -2,7 +2,8 @@
 
 The loader wraps one DALI pipeline (see graphs.py) and DALI's PyTorch iterator, which hands the outputs to torch
 through DLPack: with `device: gpu` the clips and labels stay on the rank's GPU. It drops the rows the source
-marked as padding or bad, keeps the record of bad videos, and enforces `max_bad_fraction` in training.
+marked as padding or bad, keeps the record of bad videos, and enforces `max_bad_fraction` in training. With
+`data.num_sample` N > 1 each training video comes as N rows, its augmented views (see Batch).
 """
 from __future__ import annotations
 
@@ -24,9 +25,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
+    """One batch of a split. Training with data.num_sample N > 1: a batch of B videos holds B * N rows, the N views of
+    a video adjacent (row r is view r % N of the video r // N of the batch, as VideoMAE's multiple_samples_collate
+    lays them out), each with the video's label and index and its own `view`."""
     clips: torch.Tensor  # (B, C, T, H, W) float32, or (B, V, C, T, H, W) for the test split
     labels: torch.Tensor  # (B,) int64, on the device of `clips`
     index: torch.Tensor  # (B,) int64 dataset index of each row (CPU): loader.dataset.videos[i]
+    view: torch.Tensor | None = None  # (B,) int64 augmented view of each row (CPU), training with data.num_sample > 1;
+    # None: every row is view 0 (the only one)
 
 
 def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: int = 1, device_id: int | None = None,
@@ -36,7 +42,8 @@ def build_loader(cfg, split: str, batch_size: int, rank: int = 0, world_size: in
 
     Args:
         cfg: DataConfig.
-        batch_size: clips (train/val) or videos (test) per rank and step.
+        batch_size: videos per rank and step: as many clips (val), each video's data.num_sample views (train), its
+            num_clips x num_crops views (test).
         device_id: CUDA device of this rank when cfg.device == "gpu".
         seed: everything random is a function of (seed, epoch, video), independent of ranks and workers.
         num_clips, num_crops: test split only: temporal clips x spatial crops (1 or 3) per video.
@@ -94,7 +101,8 @@ def clip_spec(cfg, split: str, dataset: VideoDataset, num_clips: int = 1, num_cr
         target_fps=cfg.target_fps, crop_size=cfg.crop_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
         num_clips=num_clips, num_crops=num_crops, jitter_scales=tuple(cfg.train_jitter_scales),
         inverse_uniform=cfg.inverse_uniform, random_flip=cfg.random_flip, color_jitter=train and cfg.color_jitter,
-        rand_augment=augment, rand_augment_suite_size=len(rand_augment_suite(augment)) - 1 if augment else 0)
+        rand_augment=augment, rand_augment_suite_size=len(rand_augment_suite(augment)) - 1 if augment else 0,
+        num_sample=cfg.num_sample if train else 1)
 
 
 def make_pipeline(source: ClipSource, batch_size: int, num_threads: int, py_workers: int, device_id: int | None,
@@ -255,12 +263,14 @@ class ClipLoader:
             rows.append((out["clips"], out["labels"].reshape(-1).to(torch.int64), index))
         if not rows:  # every row failed: an empty batch of the usual layout, on the usual device
             spec = self.spec
-            views = (spec.num_clips * spec.num_crops,) if self.split == "test" else ()
+            views = ((spec.num_clips * spec.num_crops,) if self.split == "test" else
+                     (spec.num_sample,) if spec.num_sample > 1 else ())  # as the graph's outputs
             device = torch.device("cuda", self.device_id) if spec.device == "gpu" else torch.device("cpu")
             clips = torch.empty(0, *views, 3, spec.num_frames, spec.crop_size, spec.crop_size, device=device)
-            return Batch(clips, torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.int64))
-        return Batch(torch.cat([clips for clips, _, _ in rows]), torch.cat([labels for _, labels, _ in rows]),
-                     torch.tensor([index for _, _, index in rows], dtype=torch.int64))
+            return self._batch(clips, torch.empty(0, dtype=torch.int64, device=device),
+                               torch.empty(0, dtype=torch.int64))
+        return self._batch(torch.cat([clips for clips, _, _ in rows]), torch.cat([labels for _, labels, _ in rows]),
+                           torch.tensor([index for _, _, index in rows], dtype=torch.int64))
 
     def _filter(self, out: dict, counts: dict) -> Batch:
         status = out["status"].cpu().reshape(-1)
@@ -275,7 +285,16 @@ class ClipLoader:
         if not bool(keep.all()):
             rows = keep.nonzero().reshape(-1)
             clips, labels, index = clips[rows.to(clips.device)], labels[rows.to(labels.device)], index[rows]
-        return Batch(clips, labels, index)
+        return self._batch(clips, labels, index)
+
+    def _batch(self, clips: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> Batch:
+        """The Batch of the kept videos. Training with num_sample N > 1: their (B, N, C, T, S, S) views as B * N
+        rows, the views of a video adjacent, with its label and index repeated and each row's view (see Batch)."""
+        n = self.spec.num_sample
+        if n == 1:
+            return Batch(clips, labels, index)
+        return Batch(clips.flatten(0, 1), labels.repeat_interleave(n), index.repeat_interleave(n),
+                     torch.arange(n).repeat(len(index)))
 
     def _record_bad(self, index: int, message: str) -> None:
         path = self.dataset.videos[index].path

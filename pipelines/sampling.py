@@ -1,5 +1,5 @@
-"""Everything random in the data path, as pure functions of (seed, epoch, video index), and the spatial geometry of
-the views (shared by the graphs and predict.py).
+"""Everything random in the data path, as pure functions of (seed, epoch, video index) (and of the augmented view of
+a training clip, data.num_sample), and the spatial geometry of the test views (shared by the graphs and predict.py).
 
 The sources call these in worker processes; nothing here depends on DALI's RNG, worker timing or the order in
 which samples are produced, so a resumed run (start_epoch, start_batch) gets exactly the batches it would have
@@ -27,13 +27,20 @@ import numpy as np
 # Independent random streams per quantity, so that turning one augmentation off leaves the others unchanged. ERASE is
 # drawn on the device after the loader (pipelines/batch_augment.py), from the same (seed, epoch, video) keys.
 TEMPORAL, SCALE, CROP, FLIP, JITTER, AUGMENT, ERASE = range(7)
+# The fifth word of the key of a repeated view (data.num_sample, `sample_rng`): 6 words long, never equal to a video's
+# 4 or a micro-batch's 5 (pipelines/batch_augment.py)
+VIEW_KEY = 8
 
 COLOR_JITTER_PROB = 0.8  # the original applies the jitter when uniform() >= 0.2
 COLOR_JITTER_STRENGTH = 0.4  # brightness, contrast and saturation factors in 1 +- 0.4
 
 
-def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
-    """The generator of one random quantity of one video in one epoch."""
+def sample_rng(seed: int, epoch: int, index: int, stream: int, view: int = 0) -> np.random.Generator:
+    """The generator of one random quantity of one video in one epoch; of its augmented view `view` (data.num_sample
+    views of one decoded clip). View 0 has the key a clip had before there were views, so that data.num_sample 1 draws
+    what it always drew; view v >= 1 adds (VIEW_KEY, v)."""
+    if view:
+        return np.random.default_rng([seed, epoch, index, stream, VIEW_KEY, view])
     return np.random.default_rng([seed, epoch, index, stream])
 
 
@@ -132,25 +139,27 @@ class TrainSpatial:
 
 
 def train_spatial(seed: int, epoch: int, index: int, jitter_scales: tuple[int, int], inverse_uniform: bool,
-                  random_flip: bool) -> TrainSpatial:
+                  random_flip: bool, view: int = 0) -> TrainSpatial:
+    """The short side, crop position and flip of augmented view `view` of video `index` (see sample_rng)."""
     lo, hi = jitter_scales
-    u = sample_rng(seed, epoch, index, SCALE).uniform()
+    u = sample_rng(seed, epoch, index, SCALE, view).uniform()
     if inverse_uniform:
         scale = round(1.0 / (1.0 / hi + u * (1.0 / lo - 1.0 / hi)))
     else:
         scale = round(lo + u * (hi - lo))
-    crop_x, crop_y = sample_rng(seed, epoch, index, CROP).uniform(size=2)
-    mirror = int(random_flip and sample_rng(seed, epoch, index, FLIP).uniform() < 0.5)
+    crop_x, crop_y = sample_rng(seed, epoch, index, CROP, view).uniform(size=2)
+    mirror = int(random_flip and sample_rng(seed, epoch, index, FLIP, view).uniform() < 0.5)
     return TrainSpatial(float(scale), float(crop_x), float(crop_y), mirror)
 
 
-def color_jitter_factors(seed: int, epoch: int, index: int) -> np.ndarray:
-    """(brightness, contrast, saturation) factors; (1, 1, 1) when the jitter is not applied (p = 0.2).
+def color_jitter_factors(seed: int, epoch: int, index: int, view: int = 0) -> np.ndarray:
+    """(brightness, contrast, saturation) factors of augmented view `view` of video `index` (see sample_rng);
+    (1, 1, 1) when the jitter is not applied (p = 0.2).
 
     The original applies the three in a random order, but on unclipped floats they commute (each is a blend with
     a quantity the others scale alike), so the order is not drawn.
     """
-    rng = sample_rng(seed, epoch, index, JITTER)
+    rng = sample_rng(seed, epoch, index, JITTER, view)
     apply = rng.uniform() >= 1.0 - COLOR_JITTER_PROB
     factors = 1.0 + rng.uniform(-COLOR_JITTER_STRENGTH, COLOR_JITTER_STRENGTH, size=3)
     return (factors if apply else np.ones(3)).astype(np.float32)
@@ -199,14 +208,15 @@ def parse_rand_augment(policy: str) -> RandAugmentSpec | None:
 
 
 def rand_augment_choices(seed: int, epoch: int, index: int, spec: RandAugmentSpec, num_ops_in_suite: int,
-                         identity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ops, magnitude bins and signs of the `spec.num_ops` RandAugment layers of one clip (as timm draws them).
+                         identity: int, view: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ops, magnitude bins and signs of the `spec.num_ops` RandAugment layers of one clip (as timm draws them), or of
+    its augmented view `view` (see sample_rng).
 
     Returns:
         op (n,) int32 index into the suite (`identity` where the layer is skipped), magnitude bin (n,) int32 in
         [0, MAGNITUDE_BINS - 1] (the last bin = timm magnitude 10), sign (n,) int32, 1 = negate.
     """
-    rng = sample_rng(seed, epoch, index, AUGMENT)
+    rng = sample_rng(seed, epoch, index, AUGMENT, view)
     n = spec.num_ops
     ops = rng.integers(0, num_ops_in_suite, size=n)  # with replacement, as timm without choice weights
     applied = rng.uniform(size=n) < spec.prob

@@ -2,8 +2,9 @@
 
 `ClipSource(info)` is called by DALI (in worker processes when `py_workers > 0`) with the sample's position in
 the epoch and returns the data of one clip: the video's bytes and frame indices (GPU decoding), its decoded
-frames (CPU decoding with PyAV) or its JPEG frames (SSv2), plus every random augmentation parameter of the clip,
-the label, the dataset index and a status. It is picklable and never changes after the pipeline is built: the
+frames (CPU decoding with PyAV) or its JPEG frames (SSv2), plus every random augmentation parameter of the clip
+(in training with `num_sample` N > 1, N sets of them: one per augmented view of the one decoded clip), the label,
+the dataset index and a status. It is picklable and never changes after the pipeline is built: the
 epoch comes from `info.epoch_idx` (+ start_epoch) and the position from `info.idx_in_epoch` (+ the skipped
 batches of a resumed first epoch).
 
@@ -48,10 +49,25 @@ class ClipSpec:
     color_jitter: bool = False
     rand_augment: sampling.RandAugmentSpec | None = None
     rand_augment_suite_size: int = 0  # ops the source may draw; the identity op follows them in the graph
+    num_sample: int = 1  # train: augmented views of each decoded clip (data.num_sample), each with its own parameters
 
     @property
     def frames_per_sample(self) -> int:
         return self.num_clips * self.num_frames
+
+    def train_param_names(self) -> list[str]:
+        """The random parameters of one augmented view of a training clip, as the source sends view 0's."""
+        names = ["scale", "crop_pos", "mirror"]
+        if self.color_jitter:
+            names.append("jitter")
+        if self.rand_augment:
+            names += ["augment_ops", "augment_bins", "augment_signs"]
+        return names
+
+    @staticmethod
+    def view_name(name: str, view: int) -> str:
+        """The output name of parameter `name` of view `view`: view 0's is the name itself (num_sample 1 as before)."""
+        return f"{name}_{view}" if view else name
 
     def output_names(self) -> list[str]:
         if self.reader == "jpeg":
@@ -61,12 +77,9 @@ class ClipSpec:
         else:
             names = ["frames"]
         names += ["label", "index", "status", "message"]
-        if self.mode == "train":
-            names += ["scale", "crop_pos", "mirror"]
-            if self.color_jitter:
-                names.append("jitter")
-            if self.rand_augment:
-                names += ["augment_ops", "augment_bins", "augment_signs"]
+        if self.mode == "train":  # view-major: every parameter of view 0, then of view 1, ...
+            names += [self.view_name(name, view) for view in range(self.num_sample)
+                      for name in self.train_param_names()]
         return names
 
 
@@ -181,23 +194,25 @@ class ClipSource:
         row = [*data, np.array(video.label, np.int64), np.array(index, np.int64), np.array(status, np.int32),
                message_row]
         if self.spec.mode == "train":
-            row += self._train_params(epoch, index)
+            for view in range(self.spec.num_sample):  # every view of the one decoded clip, as output_names orders them
+                row += self._train_params(epoch, index, view)
         return tuple(row)
 
-    def _train_params(self, epoch: int, index: int) -> list[np.ndarray]:
+    def _train_params(self, epoch: int, index: int, view: int = 0) -> list[np.ndarray]:
+        """The random parameters of augmented view `view` of video `index` (ClipSpec.train_param_names)."""
         spec = self.spec
         spatial = sampling.train_spatial(self.seed, epoch, index, spec.jitter_scales, spec.inverse_uniform,
-                                         spec.random_flip)
+                                         spec.random_flip, view)
         # crop positions in float64: a draw just below 1 stays below 1 (in float32 it can round up to 1, one past
         # the original's randint range)
         params = [np.array(spatial.scale, np.float32), np.array([spatial.crop_x, spatial.crop_y], np.float64),
                   np.array(spatial.mirror, np.int32)]
         if spec.color_jitter:
-            params.append(sampling.color_jitter_factors(self.seed, epoch, index))
+            params.append(sampling.color_jitter_factors(self.seed, epoch, index, view))
         if spec.rand_augment:
             params += sampling.rand_augment_choices(self.seed, epoch, index, spec.rand_augment,
                                                     spec.rand_augment_suite_size,
-                                                    identity=spec.rand_augment_suite_size)
+                                                    identity=spec.rand_augment_suite_size, view=view)
         return params
 
 

@@ -63,6 +63,8 @@ def test_paper_configs_load():
     ({"data": {"re_count": 0}}, "data.re_count must be > 0, got 0"),
     ({"data": {"re_area": [0.4, 0.1]}}, r"data.re_area must be 0 < min <= max <= 1 .*got \[0.4, 0.1\]"),
     ({"data": {"re_aspect": [0, 3]}}, r"data.re_aspect must be 0 < min <= max .*got \[0.0, 3.0\]"),
+    ({"data": {"num_sample": 0}}, r"data.num_sample \(augmented views of each training video\) must be >= 1, got 0"),
+    ({"data": {"num_sample": 1.5}}, "data.num_sample must be int, got float 1.5"),
 ])
 def test_bad_configs_name_the_key_or_value(tmp_path, data, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -99,6 +101,7 @@ def test_mixing_and_erasing_are_off_by_default_and_their_keys_load(tmp_path):
     for name in ("kcenter_vit_kinetics", "kcenter_vit_ssv2", "kcenter_timesformer_kinetics", "demo"):
         cfg = load_config(f"configs/{name}.yaml")
         assert (cfg.train.mixup, cfg.train.cutmix, cfg.data.re_prob) == (0.0, 0.0, 0.0)  # the paper's recipes
+        assert cfg.data.num_sample == 1
         assert not BatchAugment.from_config(cfg).mixes
     # VideoMAE's fine-tuning flags, as overrides
     cfg = load_config(write(tmp_path, {}), ["train.mixup=0.8", "train.cutmix=1", "train.mixup_mode=pair",

@@ -211,6 +211,28 @@ def test_random_parameters_are_pure_functions():
                                   sampling.ssv2_frame_indices(50, 8, sampling.sample_rng(1, 2, 3, 0)))
 
 
+def test_each_augmented_view_draws_its_own_parameters_and_view_0_those_without_views():
+    spec = sampling.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    for index in range(20):
+        assert sampling.train_spatial(3, 1, index, (256, 320), True, True, view=0) == \
+            sampling.train_spatial(3, 1, index, (256, 320), True, True)
+        np.testing.assert_array_equal(sampling.color_jitter_factors(3, 1, index, view=0),
+                                      sampling.color_jitter_factors(3, 1, index))
+        for a, b in zip(sampling.rand_augment_choices(3, 1, index, spec, 15, 15, view=0),
+                        sampling.rand_augment_choices(3, 1, index, spec, 15, 15)):
+            np.testing.assert_array_equal(a, b)
+    views = [sampling.train_spatial(3, 1, 17, (256, 320), True, True, view=v) for v in range(4)]
+    assert len({(v.crop_x, v.crop_y) for v in views}) == 4
+    assert views[2] == sampling.train_spatial(3, 1, 17, (256, 320), True, True, view=2)  # a pure function too
+    jitter = [sampling.color_jitter_factors(0, 0, i, view=1) for i in range(2000)]
+    assert not np.array_equal(np.array(jitter), [sampling.color_jitter_factors(0, 0, i) for i in range(2000)])
+    assert 0.15 < np.all(np.array(jitter) == 1, axis=1).mean() < 0.25  # the same distribution in every view
+    # view v's key is not another video's, epoch's or stream's
+    draws = {sampling.sample_rng(seed, epoch, index, stream, view).uniform()
+             for seed in range(2) for epoch in range(2) for index in range(3) for stream in range(7) for view in range(3)}
+    assert len(draws) == 2 * 2 * 3 * 7 * 3
+
+
 def test_parse_rand_augment():
     spec = sampling.parse_rand_augment("rand-m9-mstd0.5-inc1")
     assert (spec.magnitude, spec.num_ops, spec.magnitude_std, spec.increasing, spec.prob) == (9, 2, 0.5, True, 0.5)

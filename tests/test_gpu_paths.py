@@ -23,7 +23,8 @@ from pipelines.decode import demux_encoded, nvdec_unsupported
 from pipelines.graphs import decode_clip
 from pipelines.loader import ClipLoader, check_nvdec_library, clip_spec, make_pipeline
 from pipelines.sources import BAD, OK, ClipSource
-from test_pipelines import frame_numbers, kinetics, kinetics_cfg, ssv2, ssv2_cfg  # noqa: F401 (fixtures)
+from test_pipelines import (assert_views_of_one_decode, cloned, frame_numbers, kinetics, kinetics_cfg,  # noqa: F401
+                            ssv2, ssv2_cfg)  # (fixtures)
 
 ENCODERS = videogen.encoders()  # the ffmpeg binary's, else PyAV's
 
@@ -104,6 +105,25 @@ def test_a_batch_the_decoder_fails_is_decoded_one_video_at_a_time(mixed_codecs, 
     assert [path for path, _ in loader.bad_videos] == [h264]
     assert "the decoder failed on it" in loader.bad_videos[0][1]
     assert "failed to decode" in caplog.text and "one by one" in caplog.text
+
+
+def test_num_sample_views_of_videos_decoded_in_the_graph_also_one_by_one(mixed_codecs):
+    """Training views (data.num_sample) of VP9 videos decoded by DALI's video decoder in the graph: view 0 is the clip
+    of num_sample 1 bit for bit, also in a batch decoded again one video at a time; the H.264 video (which that
+    decoder fails on) is dropped with all its views."""
+    cfg = kinetics_cfg(mixed_codecs, crop_size=128, train_jitter_scales=(128, 160), train_list="val.csv",
+                       color_jitter=True)
+    data = read_dataset(cfg, "val", show_progress=False)
+    epochs = {}
+    for n in (1, 2):
+        spec = dataclasses.replace(clip_spec(dataclasses.replace(cfg, num_sample=n), "train", data), reader="nvdec")
+        loader = ClipLoader(data, spec, split="train", batch_size=2, rank=0, world_size=1, device_id=None, seed=4,
+                            start_epoch=0, start_batch=0, num_threads=1, py_workers=0, max_bad_fraction=1.0)
+        epochs[n] = cloned(loader)
+        assert [path for path, _ in loader.bad_videos] == [data.videos[1].path]
+        assert loader.last_epoch_summary() == dict(epoch=0, seen=5, bad=1, padded=1)
+    assert_views_of_one_decode(epochs[1], epochs[2], 2)
+    assert sorted(i for b in epochs[2] for i in b.index.tolist()) == [0, 0, 2, 2, 3, 3, 4, 4]
 
 
 def test_frames_past_the_end_of_the_stream_repeat_its_last_frame(tmp_path):

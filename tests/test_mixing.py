@@ -281,6 +281,18 @@ def test_each_clip_is_erased_alike_in_any_batch():
     assert not torch.equal(augment(clips, labels, index, epoch=4, batch=0, rank=0)[0], whole)  # another epoch
 
 
+def test_each_augmented_view_is_erased_on_its_own_and_view_0_as_without_views():
+    clips, labels = distinct_clips(rows=6), torch.arange(6)
+    index, view = torch.tensor([40, 40, 11, 11, 7, 7]), torch.tensor([0, 1] * 3)  # 3 videos x 2 views (num_sample 2)
+    augment = mixer(re_prob=1.0, re_mode="const")
+    erased, _ = augment(clips, labels, index, epoch=3, batch=0, rank=0, view=view)
+    without_views, _ = augment(clips[0::2], labels[0::2], index[0::2], epoch=3, batch=0, rank=0)
+    assert torch.equal(erased[0::2], without_views)
+    for row in range(0, 6, 2):  # every clip is erased (p = 1), each view of a video at its own place
+        assert not torch.equal(changed_window(clips[row], erased[row]), changed_window(clips[row + 1], erased[row + 1]))
+    assert torch.equal(augment(clips, labels, index, epoch=3, batch=5, rank=1, view=view)[0], erased)
+
+
 def test_erasing_probability_count_and_shape_follow_the_settings():
     regions = [erased_regions(5, 0, video, 3, 224, 224, prob=0.25, mode="const", count=3, area=AREA, aspect=ASPECT)
                for video in range(3000)]

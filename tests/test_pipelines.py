@@ -367,6 +367,74 @@ def test_rand_augment_one_policy_per_clip(ssv2):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Repeated augmentation (data.num_sample)
+
+
+def assert_views_of_one_decode(single: list, repeated: list, n: int) -> None:
+    """Batches of the same epoch with num_sample 1 and n: each video's n rows adjacent, with its label and index;
+    view 0 is the clip of num_sample 1 bit for bit, every other view a clip of its own."""
+    assert len(single) == len(repeated)
+    for one, views in zip(single, repeated):
+        b = len(one.index)
+        assert views.clips.shape == (b * n, *one.clips.shape[1:])
+        assert torch.equal(views.index, one.index.repeat_interleave(n))
+        assert torch.equal(views.labels, one.labels.repeat_interleave(n))
+        assert views.view.tolist() == list(range(n)) * b
+        grouped = views.clips.reshape(b, n, *one.clips.shape[1:])
+        assert torch.equal(grouped[:, 0], one.clips), "view 0 must be the clip of num_sample 1, bit for bit"
+        for video in range(b):
+            for v in range(1, n):
+                assert not torch.equal(grouped[video, v], grouped[video, 0]), (video, v)
+
+
+def cloned(loader) -> list:
+    """An epoch's batches, with clips copied out of DALI's buffers (reused by the next batch)."""
+    return [dataclasses.replace(b, clips=b.clips.clone()) for b in loader]
+
+
+def test_num_sample_views_augment_one_decoded_clip(kinetics):
+    cfg, seed = kinetics_cfg(kinetics), 3  # no colour jitter: the red channel tells the frame
+    single = build_loader(cfg, "train", batch_size=2, seed=seed)
+    repeated = build_loader(dataclasses.replace(cfg, num_sample=3), "train", batch_size=2, seed=seed)
+    assert len(repeated) == len(single) == 3, "an epoch counts videos, whatever the views"
+    for epoch in range(2):
+        one, views = cloned(single), cloned(repeated)
+        assert repeated.epoch == epoch
+        assert_views_of_one_decode(one, views, 3)
+        for batch in views:
+            for clip, index, view in zip(batch.clips, batch.index.tolist(), batch.view.tolist()):
+                # the same frames in every view; each view's own crop and flip (view 0's as num_sample 1 draws them)
+                assert frame_numbers(clip, cfg) == expected_indices(repeated, index, epoch, seed)
+                green = pixels(clip, cfg)[..., 1].mean(axis=(0, 1))
+                mirror = sampling.train_spatial(seed, epoch, index, cfg.train_jitter_scales, True, True, view).mirror
+                assert (green[-1] < green[0]) == bool(mirror)
+    resumed = build_loader(dataclasses.replace(cfg, num_sample=3), "train", batch_size=2, seed=seed, start_epoch=1,
+                           start_batch=1)  # the position counts videos
+    for batch, expected in zip(cloned(resumed), views[1:], strict=True):
+        assert torch.equal(batch.clips, expected.clips) and torch.equal(batch.index, expected.index)
+    # validation is left as it is
+    val = [b.clips for b in build_loader(dataclasses.replace(cfg, num_sample=3), "val", batch_size=2)]
+    assert [tuple(v.shape) for v in val] == [(2, 3, 8, 32, 32), (1, 3, 8, 32, 32)]
+
+
+def test_num_sample_views_of_frame_folders_with_rand_augment(ssv2):
+    """JPEG frames decoded in the graph once, RandAugment drawn per view (DALI's op switch in each branch)."""
+    cfg = ssv2_cfg(ssv2, rand_augment="rand-m9-mstd0.5-inc1")
+    single = cloned(build_loader(cfg, "train", batch_size=3, seed=1))
+    repeated = cloned(build_loader(dataclasses.replace(cfg, num_sample=2), "train", batch_size=3, seed=1))
+    assert_views_of_one_decode(single, repeated, 2)
+
+
+def test_num_sample_drops_every_view_of_a_bad_video(broken):
+    cfg = kinetics_cfg(broken, max_bad_fraction=1.0)
+    single = build_loader(cfg, "train", batch_size=4)
+    repeated = build_loader(dataclasses.replace(cfg, num_sample=2), "train", batch_size=4)
+    assert_views_of_one_decode(cloned(single), cloned(repeated), 2)
+    assert repeated.last_epoch_summary() == single.last_epoch_summary()
+    assert [path for path, _ in repeated.bad_videos] == [path for path, _ in single.bad_videos] != []
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sharding, determinism, resume
 
 
@@ -578,6 +646,23 @@ def test_gpu_graphs_serialize(kinetics, ssv2, dataset, split):
     serialized = make_pipeline(source, batch_size=2, num_threads=2, py_workers=1, device_id=None).serialize()
     assert (b"decoders__Video" if dataset == "kinetics" else b"decoders__Image") in serialized
     assert b"mixed" in serialized
+
+
+@pytest.mark.parametrize("dataset", ["kinetics", "ssv2"])
+def test_gpu_train_graphs_with_repeated_views_serialize(kinetics, ssv2, dataset):
+    """data.num_sample 2 on the GPU: one decoder, each view's augmentation (colour jitter, RandAugment's op switch)
+    on the device, stacked there."""
+    if dataset == "kinetics":
+        cfg = kinetics_cfg(kinetics, device="gpu", color_jitter=True, num_sample=2)
+    else:
+        cfg = ssv2_cfg(ssv2, device="gpu", rand_augment="rand-m9-mstd0.5-inc1", num_sample=2)
+    data = read_dataset(cfg, "train", show_progress=False)
+    source = ClipSource(data.videos, clip_spec(cfg, "train", data), seed=0, rank=0, world_size=1, batch_size=2)
+    serialized = make_pipeline(source, batch_size=2, num_threads=2, py_workers=1, device_id=None).serialize()
+    decoder = b"decoders__Video" if dataset == "kinetics" else b"decoders__Image"
+    frames = 1 if dataset == "kinetics" else 8  # one image decoder per frame of the clip
+    assert serialized.count(decoder) == frames, "the clip is decoded once for both views"
+    assert b"Stack" in serialized and b"mixed" in serialized
 
 
 def test_gpu_source_sends_encoded_video_and_marks_bad_files(broken):

@@ -162,6 +162,11 @@ def test_kcenter_seeds_depend_on_seed_video_and_view_only():
     assert not torch.equal(view_seeds(1, index, 6), seeds)  # another run seed
     train = kcenter_seeds(0, 0, 3, index)
     assert not torch.equal(train, kcenter_seeds(0, 0, 4, index))  # another epoch
+    # the augmented views of a training video (data.num_sample): view 0 starts where a clip without views does
+    views = kcenter_seeds(0, 0, 3, index.repeat_interleave(2), torch.tensor([0, 1] * 3))
+    assert torch.equal(views[0::2], train) and torch.equal(kcenter_seeds(0, 0, 3, index, torch.zeros(3)), train)
+    assert len(set(views[:4].tolist())) == 4 and torch.equal(views[:2], views[4:])
+    assert torch.equal(kcenter_seeds(0, 0, 3, index[1:2].repeat(2), torch.tensor([0, 1])), views[2:4])
 
 
 def test_eval_does_not_import_train():

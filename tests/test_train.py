@@ -115,6 +115,13 @@ def test_resume_refuses_a_run_with_other_settings():
     with pytest.raises(ValueError, match=rf"runs/x/last.pt .*train.seed: 0 -> 7; train.batch_size: "
                                          rf"{saved.train.batch_size} -> {other.train.batch_size}\. Resume"):
         check_resumable(ckpt, other, "runs/x/last.pt")  # (decay may change)
+    views = Config()
+    views.data.num_sample = 2  # twice the clips a step, each view with its own draws: another run
+    with pytest.raises(ValueError, match=r"data.num_sample: 1 -> 2"):
+        check_resumable(ckpt, views, "runs/x/last.pt")
+    older = {"config": {**saved.to_dict(), "data": {k: v for k, v in saved.to_dict()["data"].items()
+                                                     if k != "num_sample"}}, "rng": [{}]}
+    check_resumable(older, saved, "runs/x/last.pt")  # a checkpoint from before the key: num_sample 1
 
 
 def legacy_checkpoint(world: int, micro: int, batch: int, batch_in_epoch: int) -> dict:
@@ -523,3 +530,32 @@ def test_fine_tuning_from_a_video_checkpoint_starts_at_its_accuracy(tmp_path, de
     assert top1[-1] >= 75 and abs(start - top1[-1]) <= 100 / 12, (top1, start)
     ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 3)
+
+
+# data.num_sample 2 with erasing, mixup and drop path on: a tiny model, 12 videos, 2 epochs of 3 optimizer steps of 2
+# micro-batches of 2 videos (4 clips each), a checkpoint after each step
+REPEATED_RUN = ["data.num_sample=2", "data.re_prob=0.5", "train.mixup=0.8", "train.mixup_mode=elem",
+                "model.drop_path_rate=0.1", "train.epochs=2", "train.batch_size=4", "train.micro_batch_size=2",
+                "train.save_every_steps=1", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                "model.num_tokens=60", "data.py_workers=1", "data.num_threads=1"]
+
+
+@pytest.mark.slow
+def test_train_py_with_repeated_augmentation_counts_videos_and_a_killed_run_resumes_bit_identical(tmp_path,
+                                                                                                   demo_root):
+    from test_reproducibility import assert_same_training_state, command, run_and_kill, run_to_end
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_to_end(command(straight, demo_root, 1, *REPEATED_RUN))
+    log = (straight / "train.log").read_text()
+    assert "12 train videos, 3 optimizer steps/epoch" in log  # ceil(12 / 4): the views do not lengthen an epoch
+    assert log.count("'seen': 12, 'bad': 0") == 2  # every video once an epoch, with its two views
+    losses = [float(line.split(": loss ")[1].split(",")[0]) for line in log.splitlines() if ": loss " in line]
+    # the mean over the clips, ln 4 = 1.39 for the 4 classes at the start: one summed over the 2 views would be twice
+    assert len(losses) == 2 and all(0 < loss < 2.0 for loss in losses), losses
+
+    args = command(killed, demo_root, 1, *REPEATED_RUN)
+    resumed_from = run_and_kill(args, killed / "last.pt", 1)  # SIGKILL, every process it started
+    assert 0 < resumed_from < 6, resumed_from
+    run_to_end(args)
+    assert (killed / "train.log").read_text().count("resumed from") == 1
+    assert_same_training_state(straight / "last.pt", killed / "last.pt", epochs=2, steps_per_epoch=3)
