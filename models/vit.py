@@ -124,8 +124,8 @@ class KCenterViT(nn.Module):
                                  f"x {self.group_size} (one group per segment; the segments divide the "
                                  f"{sampler.num_frames} frames and hold the {sampler.num_hybrid_frames} hybrid "
                                  f"segments), valid budgets: {', '.join(map(str, budgets))}")
-            raise ValueError(f"token budget {num_tokens!r} is outside [{budgets[0]}, {budgets[-1]}], the budgets {name} "
-                             f"can run on: from its {sampler.num_hybrid_frames} hybrid frames of {sampler.grid ** 2} "
+            raise ValueError(f"token budget {num_tokens!r} is outside [{budgets[0]}, {budgets[-1]}], the budgets "
+                             f"{name} can run on: from its {sampler.num_hybrid_frames} hybrid frames of {sampler.grid ** 2} "
                              f"patches to all {sampler.num_frames} x {sampler.grid ** 2} patches of the clip")
 
     def token_layout(self, num_tokens: int | None = None):
