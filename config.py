@@ -253,6 +253,11 @@ class EvalConfig:
     # family's default, as the original code: sum_logits for the ViT
     out_dir: str = ""  # results.json and predictions.csv; default: train.out_dir
     weights: str = "model"  # model | ema: the checkpoint's trained weights, or their moving average (train.model_ema)
+    # token budgets to test the checkpoint at, in one run with the same views and K-center seeds, e.g. [392, 784,
+    # 1568, 2352]: accuracy, GFLOPs and clips/s of each in results.json, the log, TensorBoard and budgets.png. The ViT
+    # takes any count from its hybrid frames' tokens to every patch; the segmented families segments x grid^2 (README,
+    # "Token budgets at test time"). Empty: off, the test at model.num_tokens only
+    budgets: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         _check_positive("eval.num_clips", self.num_clips)
@@ -262,6 +267,8 @@ class EvalConfig:
         _check_choice("eval.weights", self.weights, ("model", "ema"))
         if not self.checkpoint:
             raise ValueError("eval.checkpoint must be 'last', 'best' or a path, got ''")
+        if any(b <= 0 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"eval.budgets must be distinct token counts > 0, got {self.budgets}")
 
 
 @dataclass
@@ -281,6 +288,13 @@ class Config:
             raise ValueError(f"model.num_frames ({self.model.num_frames}) != data.num_frames ({self.data.num_frames})")
         if self.model.img_size != self.data.crop_size:
             raise ValueError(f"model.img_size ({self.model.img_size}) != data.crop_size ({self.data.crop_size})")
+        grid = (self.model.img_size // self.model.patch_size) ** 2
+        lowest, highest = self.model.num_hybrid_frames * grid, self.model.num_frames * grid
+        outside = [b for b in self.eval.budgets if not lowest <= b <= highest]
+        if outside:  # every family's bounds; the segmented families' own rule is checked when the model is built
+            raise ValueError(f"eval.budgets {outside} outside [{lowest}, {highest}]: a budget holds at least the "
+                             f"{self.model.num_hybrid_frames} hybrid frames of {grid} patches and at most all "
+                             f"{self.model.num_frames} x {grid} patches of the clip")
 
     def to_dict(self) -> dict:
         return {f.name: _to_plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}

@@ -15,6 +15,11 @@ predictions.csv (one row per video) and, for a labelled test list, confusion.png
 row normalised to the class's recall) to eval.out_dir (default: train.out_dir). Every video of the test list is
 scored exactly once across ranks; a video that cannot be decoded is listed under "excluded", never replaced by
 another.
+
+`eval.budgets=[784,1176,1568,2352]` also tests the checkpoint at those token budgets (and at model.num_tokens, which
+the metrics and predictions.csv stay at), each video decoded once for all of them, with the same views and K-center
+seeds: tokens, GFLOPs per view, clips/s and the metrics of each under "budgets" in results.json, a table in the log,
+scalars in out_dir/tensorboard and budgets.png (top-1 against GFLOPs).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import itertools
 import json
 import logging
 import os
+import re
+import time
 from contextlib import nullcontext
 
 from config import Config, load_config
@@ -39,11 +46,12 @@ if __name__ != "__mp_main__":
     from tqdm import tqdm
 
     from models import build_model
+    from models.flops import view_gflops
     from pipelines import build_loader
     from runtime import (autocast_dtype, class_recall, count_confusion, load_model_weights, parse_command_line,
                          read_checkpoint, resolve_checkpoint, setup_distributed, setup_logging, view_seeds,
                          write_atomic)
-    from vis import draw_confusion_matrix, draw_sampled_patches, save_png
+    from vis import draw_confusion_matrix, draw_line_plot, draw_sampled_patches, save_png
 
 log = logging.getLogger("kcenter")
 
@@ -93,15 +101,112 @@ def score_videos(model, loader, device, amp_dtype, rank: int, cfg: Config, ensem
                 continue
             views = batch.clips.flatten(0, 1)  # (B*V, C, T, H, W)
             seeds = view_seeds(cfg.train.seed, batch.index, V)
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                logits = model(views, seeds=seeds)
-            # one copy to the host a batch for the scores and one for the labels (an int() a video would be one each)
-            scores = aggregate_views(logits.float().view(B, V, -1), ensemble).cpu().numpy()
+            scores = score_views(model, views, seeds, (B, V), device, amp_dtype, ensemble)
             for index, label, video_scores in zip(batch.index.tolist(), batch.labels.tolist(), scores):
                 results[index] = (label, video_scores)
             if save_patches and drawn < 8:
                 drawn += draw_first_views(model, batch, seeds.view(B, V), save_patches, cfg, limit=8 - drawn)
     return results
+
+
+def score_views(model, views, seeds, shape: tuple[int, int], device, amp_dtype, ensemble: str,
+                num_tokens: int | None = None) -> np.ndarray:
+    """(B*V, C, T, H, W) views -> (B, K) combined scores on the host, on `num_tokens` tokens (None: the model's)."""
+    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        logits = model(views, seeds=seeds, num_tokens=num_tokens)
+    # one copy to the host a batch for the scores and one for the labels (an int() a video would be one each)
+    return aggregate_views(logits.float().view(*shape, -1), ensemble).cpu().numpy()
+
+
+def score_budgets(model, loader, device, amp_dtype, rank: int, cfg: Config, ensemble: str, budgets: list[int],
+                  save_patches: str | None = None):
+    """score_videos at each token budget: ({budget: {dataset index: (label, scores)}}, {budget: [views, seconds]}).
+
+    Each batch is decoded once and scored at every budget in turn, with the same views and K-center seeds. The
+    seconds are those of the forward passes (sampler included, up to the scores on the host) after the first batch,
+    which pays each budget's warm-up (compilation, allocator); with one batch only, that one is timed."""
+    model.eval()
+    results, timing, drawn, batches = {b: {} for b in budgets}, {b: [0, 0.0] for b in budgets}, 0, 0
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="test", disable=rank != 0, dynamic_ncols=True):
+            B, V = batch.clips.shape[:2]
+            if B == 0:  # nothing to score, and fused attention kernels reject a batch of 0
+                continue
+            views = batch.clips.flatten(0, 1)  # (B*V, C, T, H, W)
+            seeds = view_seeds(cfg.train.seed, batch.index, V)
+            indices, labels = batch.index.tolist(), batch.labels.tolist()
+            batches += 1
+            for budget in budgets:
+                start = time.perf_counter()
+                scores = score_views(model, views, seeds, (B, V), device, amp_dtype, ensemble, budget)
+                if batches == 2:  # the first batch was warm-up: the timing starts again here
+                    timing[budget] = [0, 0.0]
+                timing[budget][0] += B * V
+                timing[budget][1] += time.perf_counter() - start
+                results[budget].update((i, (label, s)) for i, label, s in zip(indices, labels, scores))
+            if save_patches and drawn < 8:
+                drawn += draw_first_views(model, batch, seeds.view(B, V), save_patches, cfg, limit=8 - drawn)
+    return results, timing
+
+
+def gather_timing(timing: dict, world: int) -> dict:
+    """{budget: [views, seconds]} summed over the ranks."""
+    if world == 1:
+        return timing
+    parts = [None] * world
+    dist.all_gather_object(parts, timing)
+    return {b: [sum(p[b][0] for p in parts), sum(p[b][1] for p in parts)] for b in timing}
+
+
+def budget_entries(model, cfg: Config, results: dict, timing: dict, loader) -> list[dict]:
+    """One results.json entry per budget, fewest tokens first: its layout, GFLOPs per view, clips/s per process (the
+    views scored over the seconds their forward passes took, both summed over the ranks) and metrics."""
+    entries = []
+    for budget in sorted(results):
+        indices = sorted(results[budget])
+        labels = np.array([results[budget][i][0] for i in indices])
+        scores = np.stack([results[budget][i][1] for i in indices]) if indices else None
+        labelled = loader.dataset.labelled and bool(indices)
+        layout = model.token_layout(budget)
+        views, seconds = timing[budget]
+        entries.append({
+            "budget": budget, "trained": budget == cfg.model.num_tokens, "segments": layout.num_segments,
+            "hybrid_tokens": layout.num_hybrid_tokens, "kcenter_tokens": layout.num_kcenter_tokens,
+            "gflops_per_view": float(f"{view_gflops(model, budget):.4g}"),
+            "clips_per_s": round(views / seconds, 3) if seconds else None, "timed_views": views,
+            "metrics": compute_metrics(scores, labels, loader.class_names) if labelled else {"videos": len(indices)}})
+    return entries
+
+
+def report_budgets(out_dir: str, entries: list[dict]) -> None:
+    """The budgets as a table in the log, scalars in out_dir/tensorboard (step: the budget's tokens) and
+    out_dir/budgets.png, top-1 against GFLOPs per view (with labels)."""
+    log.info("token budgets (* the model's own; clips/s per process, sampler included):")
+    log.info("| tokens | segments | GFLOPs / view | clips/s | top-1 | top-5 |")
+    log.info("|---|---|---|---|---|---|")
+    for e in entries:
+        m = e["metrics"]
+        log.info("| %d%s | %d | %.4g | %s | %s | %s |", e["budget"], " *" if e["trained"] else "", e["segments"],
+                 e["gflops_per_view"], "-" if e["clips_per_s"] is None else f"{e['clips_per_s']:.2f}",
+                 *(f"{m[k]:.2f}%" if k in m else "-" for k in ("top1", "top5")))
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+    for e in entries:
+        values = {"gflops_per_view": e["gflops_per_view"], "clips_per_s": e["clips_per_s"],
+                  "top1": e["metrics"].get("top1"), "top5": e["metrics"].get("top5")}
+        for name, value in values.items():
+            if value is not None:
+                writer.add_scalar(f"budget/{name}", value, global_step=e["budget"])
+    labelled = [e for e in entries if "top1" in e["metrics"]]
+    if labelled:
+        image = draw_line_plot([e["gflops_per_view"] for e in labelled], [e["metrics"]["top1"] for e in labelled],
+                               [f"{e['budget']}{' *' if e['trained'] else ''}" for e in labelled],
+                               x_label="GFLOPs per view", y_label="top-1 (%)",
+                               title="top-1 against cost, by token budget (* the model's own)")
+        save_png(image, os.path.join(out_dir, "budgets.png"))
+        writer.add_image("budget/top1_vs_gflops", image, dataformats="HWC")
+        log.info("wrote %s", os.path.join(out_dir, "budgets.png"))
+    writer.close()
 
 
 def draw_first_views(model, batch, seeds: torch.Tensor, out_dir: str, cfg: Config, limit: int) -> int:
@@ -131,7 +236,8 @@ def gather_results(results: dict, world: int) -> dict:
     return merged
 
 
-def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, results: dict, loader) -> dict:
+def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, results: dict, loader,
+                  budgets: list[dict] | None = None) -> dict:
     indices = sorted(results)
     labels = np.array([results[i][0] for i in indices])
     scores = np.stack([results[i][1] for i in indices]) if indices else np.zeros((0, cfg.model.num_classes))
@@ -142,6 +248,7 @@ def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, re
     summary = {"metrics": metrics, "labelled": labelled, "checkpoint": checkpoint, "split_videos": loader.num_videos,
                "scored_videos": len(indices), "excluded": excluded, "missing": missing,
                "views": {"clips": cfg.eval.num_clips, "crops": cfg.eval.num_crops, "ensemble": ensemble},
+               "budget": cfg.model.num_tokens, **({"budgets": budgets} if budgets else {}),
                "config": cfg.to_dict()}
     write_atomic(os.path.join(out_dir, "results.json"), results_text(summary))
     if "confusion_matrix" in metrics:
@@ -149,29 +256,24 @@ def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, re
                  os.path.join(out_dir, "confusion.png"))
     rows = io.StringIO()
     writer = csv.writer(rows)
-    writer.writerow(["path", "label", "prediction", "score", "top5", "top5_classes"])
+    writer.writerow(["path", "label", "prediction", "score", "top5", "top5_classes", "budget"])
     for i, index in enumerate(indices):
         top5 = np.argsort(-scores[i], kind="stable")[:5]
         writer.writerow([loader.dataset.videos[index].path, loader.class_names[labels[i]] if labelled else "",
                          loader.class_names[top5[0]], f"{scores[i, top5[0]]:.4f}", " ".join(str(c) for c in top5),
-                         "|".join(loader.class_names[c] for c in top5)])
+                         "|".join(loader.class_names[c] for c in top5), cfg.model.num_tokens])
     write_atomic(os.path.join(out_dir, "predictions.csv"), rows.getvalue())
     return summary
 
 
+_NUMBER = r"-?(?:\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|NaN|Infinity)"
+_NUMBER_LIST = re.compile(rf"\[\s+({_NUMBER}(?:,\s+{_NUMBER})*)\s+\]")
+
+
 def results_text(summary: dict) -> str:
-    """results.json's text: indented, but a row of the confusion matrix a line (at 400 classes 400 lines, not
-    160,000)."""
-    confusion = summary["metrics"].get("confusion_matrix")
-    if confusion is None:
-        return json.dumps(summary, indent=2)
-    mark = "<confusion counts>"
-    text = json.dumps({**summary, "metrics": {**summary["metrics"], "confusion_matrix": {**confusion, "counts": mark}}},
-                      indent=2)
-    key = f'"counts": {json.dumps(mark)}'
-    indent = " " * (len(text.partition(key)[0]) - text.partition(key)[0].rfind("\n") - 1)
-    rows = ",\n".join(f"{indent}  {json.dumps(row)}" for row in confusion["counts"])
-    return text.replace(key, f'"counts": [\n{rows}\n{indent}]', 1)
+    """results.json's text: indented, with each list of numbers on one line (a confusion matrix a row a line: at 400
+    classes 400 lines, not 160,000, for the test and for each token budget)."""
+    return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", json.dumps(summary, indent=2))
 
 
 # model settings that do not change the function a trained model computes at test time
@@ -203,6 +305,9 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
     setup_logging(out_dir, rank)
     ckpt = read_checkpoint(checkpoint)
     model = build_model(cfg.model, pixel_std=float(np.mean(cfg.data.std)), load_pretrained=False)
+    budgets = sorted(set(cfg.eval.budgets) | {cfg.model.num_tokens}) if cfg.eval.budgets else []
+    for budget in budgets:  # before any video is read: an error naming the budgets this family can run on
+        model.check_budget(budget)
     loader = build_loader(cfg.data, "test", batch_size=cfg.eval.batch_size, rank=rank, world_size=world,
                           device_id=device.index if device.type == "cuda" else None, seed=cfg.train.seed,
                           num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops)
@@ -213,8 +318,14 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
     log.info("testing %s (epoch %d, step %d, %s weights): %d clips x %d crops, views combined by %s", checkpoint,
              ckpt["epoch"], ckpt["step"], "EMA" if cfg.eval.weights == "ema" else "trained", cfg.eval.num_clips,
              cfg.eval.num_crops, ensemble)
-    results = score_videos(model, loader, device, autocast_dtype(cfg, device), rank, cfg, ensemble, save_patches)
-    results = gather_results(results, world)
+    if budgets:
+        by_budget, timing = score_budgets(model, loader, device, autocast_dtype(cfg, device), rank, cfg, ensemble,
+                                          budgets, save_patches)
+        by_budget = {b: gather_results(r, world) for b, r in by_budget.items()}
+        results, timing = by_budget[cfg.model.num_tokens], gather_timing(timing, world)
+    else:
+        results = score_videos(model, loader, device, autocast_dtype(cfg, device), rank, cfg, ensemble, save_patches)
+        results = gather_results(results, world)
     bad = gather_results({path: err for path, err in loader.bad_videos}, world) if world > 1 else None
     if bad is not None:
         loader.bad_videos[:] = sorted(bad.items())
@@ -222,13 +333,16 @@ def run_eval(cfg: Config, checkpoint: str, save_patches: str | None = None) -> d
         return {}
     info = {"path": os.path.abspath(checkpoint), "epoch": ckpt["epoch"], "step": ckpt["step"],
             "weights": cfg.eval.weights}
-    summary = write_results(out_dir, cfg, info, ensemble, results, loader)
+    entries = budget_entries(model, cfg, by_budget, timing, loader) if budgets else None
+    summary = write_results(out_dir, cfg, info, ensemble, results, loader, entries)
     m = summary["metrics"]
     outcome = (f"top-1 {m.get('top1', float('nan')):.2f}%, top-5 {m.get('top5', float('nan')):.2f}%"
                if summary["labelled"] else f"the test list {loader.dataset.annotation} has no labels, so predictions "
                f"only (top-5 of each video in predictions.csv), no accuracy")
     log.info("test: %d/%d videos scored (%d excluded), %d clips x %d crops: %s", summary["scored_videos"],
              loader.num_videos, len(summary["excluded"]), cfg.eval.num_clips, cfg.eval.num_crops, outcome)
+    if entries:
+        report_budgets(out_dir, entries)
     log.info("wrote %s", os.path.join(out_dir, "results.json"))
     return summary
 

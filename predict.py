@@ -1,6 +1,7 @@
 """Classify videos as they come, with a checkpoint of this project and the multi-view protocol of eval.py.
 
     python predict.py --checkpoint runs/k400/last.pt clip.mp4 more_clips/ [--json out.json] [--save-patches DIR]
+        [--budget N]
 
 Any container, codec, size or frame rate PyAV (FFmpeg) reads; no preprocessing, nothing written next to the inputs.
 The checkpoint brings its own config (clip protocol, views, ensemble) and class names, so no annotation file is
@@ -8,8 +9,9 @@ needed. Each video gets `eval.num_clips` temporal clips x `eval.num_crops` crops
 one clip of uniform segments for SSv2), resized so the short side is the crop size, combined by the model family's
 ensemble; printed as a top-5 table. `--weights ema` classifies with the moving average of the weights (a run with
 train.model_ema; the default is the checkpoint's eval.weights: `model`, the trained weights, unless its run set it).
-A video that cannot be read is reported by name, the others are still classified, and the exit status is 1 at the
-end.
+`--budget N` runs the model on N tokens instead of the model.num_tokens it was trained with (cheaper or more thorough;
+which N a family takes: README, "Token budgets at test time"); the JSON records the budget used. A video that
+cannot be read is reported by name, the others are still classified, and the exit status is 1 at the end.
 
 Probabilities are the softmax of the combined view scores: of the mean logit (sum_logits), the mean of the views'
 softmax (mean_softmax) or of the largest logit (max); they rank the classes as the ensemble does.
@@ -87,13 +89,14 @@ def combine(logits: torch.Tensor, ensemble: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_video(model, cfg, path: str, device: torch.device, ensemble: str):
-    """(probabilities (K,), views, seeds) of one video; raises with the reason when it cannot be read."""
+def predict_video(model, cfg, path: str, device: torch.device, ensemble: str, num_tokens: int | None = None):
+    """(probabilities (K,), views, seeds) of one video on `num_tokens` tokens (None: the model's); raises with the
+    reason when it cannot be read."""
     info = probe_video(path)
     frames = decode_frames(path, frame_indices(cfg, info.num_frames, info.fps), info.num_frames)
     views = test_views(frames, cfg, device)
     seeds = view_seeds(cfg.train.seed, torch.zeros(1, dtype=torch.long), len(views))  # as eval.py's for video 0
-    return combine(model(views, seeds=seeds).float(), ensemble).cpu(), views, seeds
+    return combine(model(views, seeds=seeds, num_tokens=num_tokens).float(), ensemble).cpu(), views, seeds
 
 
 def print_table(path: str, probs: torch.Tensor, class_names: list[str], top: int = 5) -> list[dict]:
@@ -114,6 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the top-5 of every video (and the failures) here")
     parser.add_argument("--save-patches", metavar="DIR", help="a PNG of the patches K-center keeps, per video")
     parser.add_argument("--top", type=int, default=5, help="classes listed per video (default 5)")
+    parser.add_argument("--budget", type=int, metavar="N", help="tokens per view (default: the model.num_tokens the "
+                        "checkpoint was trained with); see README, Token budgets at test time")
     parser.add_argument("--weights", choices=("model", "ema"), help="the trained weights or their moving average "
                         "(train.model_ema); default: the checkpoint's eval.weights")
     args = parser.parse_args(argv)
@@ -131,6 +136,11 @@ def main(argv=None) -> int:
         load_model_weights(model, ckpt, args.checkpoint, args.weights or cfg.eval.weights)
     except ValueError as e:  # no EMA in the checkpoint, or weights that do not fit: the reason, not a traceback
         sys.exit(f"error: {e}")
+    budget = cfg.model.num_tokens if args.budget is None else args.budget
+    try:
+        model.check_budget(budget)
+    except ValueError as e:  # a budget this family cannot run on: the valid ones, not a traceback
+        sys.exit(f"error: --budget: {e}")
     model.to(device).eval()
     ensemble = cfg.eval.ensemble or model.test_ensemble
 
@@ -138,7 +148,7 @@ def main(argv=None) -> int:
     results, failed = {}, {}
     for path in tqdm(paths, desc="predict", unit="video", disable=len(paths) < 2):
         try:
-            probs, views, seeds = predict_video(model, cfg, path, device, ensemble)
+            probs, views, seeds = predict_video(model, cfg, path, device, ensemble, budget)
         except Exception as e:  # any unreadable input: named, and the others still classified
             failed[path] = f"{type(e).__name__}: {e}"
             tqdm.write(f"\n{path}\n  cannot be read: {failed[path]}", file=sys.stderr)
@@ -146,13 +156,15 @@ def main(argv=None) -> int:
         results[path] = print_table(path, probs, class_names, args.top)
         if args.save_patches:
             centre = len(views) // cfg.eval.num_clips // 2  # the centre crop of the first clip
-            _, t_index, s_index = model.select_tokens(views[centre:centre + 1], seeds=seeds[centre:centre + 1])
+            _, t_index, s_index = model.select_tokens(views[centre:centre + 1], seeds=seeds[centre:centre + 1],
+                                                      num_tokens=budget)
             image = draw_sampled_patches(views[centre], t_index[0], s_index[0], cfg.model.patch_size, cfg.data.mean,
-                                         cfg.data.std, model.sampler.hybrid_frames.tolist())
+                                         cfg.data.std, model.token_layout(budget).hybrid_frames.tolist())
             save_png(image, os.path.join(args.save_patches, Path(path).stem + ".png"))
     if args.json:
         write_atomic(args.json, json.dumps({"checkpoint": os.path.abspath(args.checkpoint), "ensemble": ensemble,
                                             "views": {"clips": cfg.eval.num_clips, "crops": cfg.eval.num_crops},
+                                            "budget": budget,
                                             "predictions": results, "failed": failed}, indent=2))
     if failed:
         print(f"{len(failed)} of {len(paths)} videos could not be read: {', '.join(failed)}", file=sys.stderr)

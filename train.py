@@ -667,6 +667,8 @@ def run_training(cfg: Config, preemption: Preemption | None = None) -> dict:
     prepare_demo_data(cfg, rank, world)
     tr = Trainer(cfg, rank, world, device)  # reads and checks the train and val lists
     check_test_list(cfg, rank)
+    for budget in cfg.eval.budgets if cfg.data.test_list else ():  # the test's budgets: now, not after the training
+        tr.model.check_budget(budget)
     log.info("%d train videos, %d optimizer steps/epoch, accumulation %d, world %d, device %s, autocast %s",
              tr.train_loader.num_videos, tr.steps_per_epoch, tr.accum, world, device, tr.amp_dtype)
     try:

@@ -1,7 +1,9 @@
-"""Pictures of what K-center sampling keeps (every frame of a clip, unchosen patches dimmed, hybrid frames framed) and
-of a confusion matrix (a heat map of each class's predictions)."""
+"""Pictures, drawn with PIL alone: what K-center sampling keeps (every frame of a clip, unchosen patches dimmed,
+hybrid frames framed), a confusion matrix (a heat map of each class's predictions), and a plain line plot (eval.py's
+accuracy against cost of each token budget)."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -114,6 +116,55 @@ def _put_text(draw, xy, text: str, font, align, fill=(0, 0, 0)) -> None:
     l, t, r, b = font.getbbox(text)
     draw.text((round(xy[0] - l - align[0] * (r - l)), round(xy[1] - t - align[1] * (b - t))), text, fill=fill,
               font=font)
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About `count` round values (steps of 1, 2 or 5 x 10^n) covering [lo, hi]."""
+    if hi <= lo:
+        lo, hi = lo - 1, hi + 1
+    raw = (hi - lo) / max(count - 1, 1)
+    unit = 10 ** math.floor(math.log10(raw))
+    step = next(m * unit for m in (1, 2, 5, 10) if m * unit >= raw)
+    first = math.floor(lo / step) * step
+    return [first + i * step for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
+
+
+def draw_line_plot(xs, ys, labels, x_label: str, y_label: str, title: str = "", size: tuple[int, int] = (640, 440),
+                   margin: tuple[int, int, int, int] = (70, 40, 30, 55)) -> np.ndarray:
+    """Points (xs[i], ys[i]) joined in order of x, each marked and labelled with labels[i], on axes with round
+    ticks -> an (H, W, 3) uint8 image. margin: (left, top, right, bottom) pixels around the plot area."""
+    width, height = size
+    left, top, right, bottom = margin
+    image = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+
+    def at(x: float, y: float) -> tuple[float, float]:  # data -> pixels, y upwards
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for x in x_ticks:
+        px = at(x, y0)[0]
+        draw.line([px, height - bottom, px, height - bottom + 5], fill="black")
+        _put_text(draw, (px, height - bottom + 8), f"{x:g}", font, (0.5, 0))
+    for y in y_ticks:
+        py = at(x0, y)[1]
+        draw.line([left - 5, py, left, py], fill="black")
+        draw.line([left, py, width - right, py], fill=(225, 225, 225))
+        _put_text(draw, (left - 8, py), f"{y:g}", font, (1, 0.5))
+    _put_text(draw, ((left + width - right) / 2, height - 18), x_label, font, (0.5, 0.5))
+    _put_text(draw, (8, top - 22), y_label, font, (0, 0.5))
+    if title:
+        _put_text(draw, (width / 2, 12), title, font, (0.5, 0.5))
+    points = sorted(zip(xs, ys, labels))
+    draw.line([at(x, y) for x, y, _ in points], fill=PICK_COLOUR, width=2)
+    for x, y, label in points:
+        px, py = at(x, y)
+        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=HYBRID_COLOUR, outline="black")
+        _put_text(draw, (px + 6, py - 6), str(label), font, (0, 1))
+    return np.asarray(image)
 
 
 def save_png(image: np.ndarray, path: str) -> None:

@@ -7,10 +7,10 @@ For each family (ViT, TimeSformer, Motionformer) at the paper's setting (32 fram
 - dense, 8 frames (TimeSformer, Motionformer): 8 whole frames, their usual input; as many tokens as K-center, a
   quarter of the frames.
 
-GFLOPs per view are counted with `torch.utils.flop_counter` on meta tensors (attention included: on meta, SDPA runs
-as matrix products the counter sees; on CPU its fused kernel is not counted) for the transformer, plus the K-center
-sampler's distance products (its PyTorch loop, `_kcenter_batched`). Forward clips/s is measured on real tensors
-(sampler included, inference mode), alternating the variants of a family, median of `--repeats`.
+GFLOPs per view are counted by `models/flops.py` (`torch.utils.flop_counter` on meta tensors, attention included) for
+the transformer, plus the K-center sampler's distance products (its PyTorch loop, `_kcenter_batched`). Forward
+clips/s is measured on real tensors (sampler included, inference mode), alternating the variants of a family, median
+of `--repeats`.
 
     python bench/bench_model.py                      # CPU, batch 1
     python bench/bench_model.py --device cuda --batch 8 --repeats 5
@@ -24,11 +24,10 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import KCenterMotionformer, KCenterTimeSformer, KCenterViT  # noqa: E402
-from models.kcenter import _kcenter_batched  # noqa: E402
+from models.flops import view_gflops  # noqa: E402
 
 VIT_B = dict(num_classes=400, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
              drop_path_rate=0.0)
@@ -43,23 +42,6 @@ def variants(family: str) -> dict[str, dict]:
     if cls.segmented:
         out["dense 8 frames"] = dict(num_frames=8, num_tokens=1568, num_hybrid_frames=8, num_segments=8)
     return out
-
-
-def gflops(model, settings: dict) -> float:
-    """Forward GFLOPs of one view: the transformer on meta tensors, plus the sampler's distance products.
-    Moves `model` to the meta device."""
-    model.to("meta")
-    K = settings["num_tokens"]
-    tokens, t_index, s_index = (torch.randn(1, K, 768, device="meta"), torch.zeros(1, K, dtype=torch.long,
-                                device="meta"), torch.zeros(1, K, dtype=torch.long, device="meta"))
-    with FlopCounterMode(display=False) as counter:
-        model.forward_tokens(tokens, t_index, s_index)
-        sampler = model.sampler
-        if sampler.num_kcenter_tokens:
-            points = torch.randn(sampler.num_runs, sampler.candidates_per_run, 771, device="meta")
-            _kcenter_batched(points, sampler.picks_per_run, torch.zeros(sampler.num_runs, dtype=torch.long,
-                                                                        device="meta"))
-    return counter.get_total_flops() / 1e9
 
 
 def clips_per_second(models: dict, clips: dict, repeats: int) -> dict[str, float]:
@@ -106,7 +88,7 @@ def main() -> None:
         else:
             speed = clips_per_second(models, clips, args.repeats)
         for name, s in settings.items():
-            print(f"| {family} | {name} | {s['num_tokens']} | {gflops(models[name], s):.0f} | {speed[name]:.2f} | "
+            print(f"| {family} | {name} | {s['num_tokens']} | {view_gflops(models[name]):.0f} | {speed[name]:.2f} | "
                   f"{speed[name] / speed['k-center 1568']:.2f}x |", flush=True)
         del models, clips
 

@@ -16,11 +16,13 @@ min-distance per point, O(B*N) memory beyond the input. The implementations shar
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -401,6 +403,31 @@ def segment_layout(num_frames: int, num_segments: int, num_hybrid_frames: int) -
                                                                  for s in runs], dtype=torch.long).view(-1, length)
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of one budget come from: the hybrid frames kept whole, then `num_runs` k-center runs of
+    `picks_per_run` picks each, run r choosing among the patches of frames run_frames[r]."""
+
+    num_tokens: int
+    num_segments: int
+    hybrid_frames: Tensor  # (n,) frame indices
+    run_frames: Tensor  # (R, F) frame indices of each run
+    run_coords: Tensor  # (R, F*grid*grid, 3) the (t, h, w) position of each candidate
+    run_places: Tensor  # (F*grid*grid,) the place of each candidate: its group under one_per_place
+    num_hybrid_tokens: int
+    num_kcenter_tokens: int
+    num_runs: int  # 0 when every token is a hybrid frame's
+    picks_per_run: int
+
+    @property
+    def candidates_per_run(self) -> int:
+        return self.run_coords.shape[1]
+
+    def to(self, device: torch.device) -> TokenLayout:
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in
+                                            ("hybrid_frames", "run_frames", "run_coords", "run_places")})
+
+
 class KCenterTokenSampler(nn.Module):
     """Selects `num_tokens` patches of a clip: whole hybrid frames first, then k-center picks over the rest.
 
@@ -412,6 +439,9 @@ class KCenterTokenSampler(nn.Module):
 
     The first pick of each run is `start` ((B,) or (B, runs)), else a function of `seeds` (B,) (one int64 per
     clip, e.g. from (seed, epoch, video)) and the run, else drawn from torch's global RNG.
+
+    forward's `num_tokens` and `num_segments` select another token budget than the one built (`layout`), with the
+    same seeds: a trained model can run on fewer or more tokens than it was trained on.
     """
 
     def __init__(self, *, num_frames: int, img_size: int, patch_size: int, num_tokens: int,
@@ -422,68 +452,99 @@ class KCenterTokenSampler(nn.Module):
         self.patch_size = patch_size
         self.grid = img_size // patch_size
         per_frame = self.grid ** 2
+        self.num_frames, self.num_hybrid_frames = num_frames, num_hybrid_frames
+        self.one_per_place, self.sort_by_place = one_per_place, sort_by_place
+        self.coords = patch_coordinates(num_frames, self.grid, patch_size, pixel_std, temporal_coef, spatial_coef)
+        built = self.build_layout(num_tokens, num_segments)
+        self.num_tokens, self.num_segments = num_tokens, num_segments
+        self.num_hybrid_tokens, self.num_kcenter_tokens = built.num_hybrid_tokens, built.num_kcenter_tokens
+        self.num_runs, self.picks_per_run = built.num_runs, built.picks_per_run
+        frame_of = torch.arange(num_frames).repeat_interleave(per_frame)  # (T*grid*grid,)
+        place_of = torch.arange(per_frame).repeat(num_frames)
+        for name, value in (("hybrid_frames", built.hybrid_frames), ("run_frames", built.run_frames),
+                            ("run_coords", built.run_coords), ("run_places", built.run_places),
+                            ("frame_of", frame_of), ("place_of", place_of)):
+            self.register_buffer(name, value, persistent=False)
+        self._other_layouts: dict[tuple, TokenLayout] = {}  # (num_tokens, num_segments, device) -> layout
+
+    def build_layout(self, num_tokens: int, num_segments: int, name: str = "model.num_tokens") -> TokenLayout:
+        """The layout of `num_tokens` tokens over `num_segments` segments (CPU tensors), or a ValueError naming
+        `name` and why they do not fit."""
+        per_frame, num_frames, num_hybrid_frames = self.grid ** 2, self.num_frames, self.num_hybrid_frames
         if num_segments < 1 or num_frames % num_segments:
             raise ValueError(f"model.num_segments {num_segments} must divide num_frames {num_frames}")
         if num_hybrid_frames > (num_segments if num_segments > 1 else num_frames):
             raise ValueError(f"model.num_hybrid_frames {num_hybrid_frames} is more than the "
                              f"{'segments' if num_segments > 1 else 'frames'} there are")
         hybrid, runs = segment_layout(num_frames, num_segments, num_hybrid_frames)
-        self.num_hybrid_tokens = num_hybrid_frames * per_frame
-        self.num_kcenter_tokens = num_tokens - self.num_hybrid_tokens
-        self.num_runs = len(runs) if self.num_kcenter_tokens else 0
-        self.picks_per_run = self.num_kcenter_tokens // max(self.num_runs, 1)
+        num_hybrid_tokens = num_hybrid_frames * per_frame
+        num_kcenter_tokens = num_tokens - num_hybrid_tokens
+        num_runs = len(runs) if num_kcenter_tokens else 0
+        picks_per_run = num_kcenter_tokens // max(num_runs, 1)
         candidates = runs.shape[1] * per_frame
-        fits = self.num_kcenter_tokens >= 0 and self.picks_per_run * max(self.num_runs, 1) == self.num_kcenter_tokens
-        fits = fits and self.picks_per_run <= (per_frame if one_per_place else candidates)
+        fits = num_kcenter_tokens >= 0 and picks_per_run * max(num_runs, 1) == num_kcenter_tokens
+        fits = fits and picks_per_run <= (per_frame if self.one_per_place else candidates)
         if not fits:
-            raise ValueError(f"model.num_tokens {num_tokens} does not fit {num_hybrid_frames} hybrid frames of "
+            raise ValueError(f"{name} {num_tokens} does not fit {num_hybrid_frames} hybrid frames of "
                              f"{per_frame} patches and an equal share of at most "
-                             f"{per_frame if one_per_place else candidates} picks for each of {len(runs)} k-center "
-                             f"runs of {runs.shape[1]} frames ({num_frames} frames, {num_segments} segments)")
-        self.one_per_place, self.sort_by_place = one_per_place, sort_by_place
-        coords = patch_coordinates(num_frames, self.grid, patch_size, pixel_std, temporal_coef, spatial_coef)
-        frame_of = torch.arange(num_frames).repeat_interleave(per_frame)  # (T*grid*grid,)
-        place_of = torch.arange(per_frame).repeat(num_frames)
-        for name, value in (("hybrid_frames", hybrid), ("run_frames", runs),  # (R, F)
-                            ("run_coords", coords[runs].flatten(1, 3)),  # (R, F*grid*grid, 3)
-                            ("run_places", torch.arange(candidates) % per_frame),  # the group of each candidate
-                            ("frame_of", frame_of), ("place_of", place_of)):
-            self.register_buffer(name, value, persistent=False)
+                             f"{per_frame if self.one_per_place else candidates} picks for each of {len(runs)} "
+                             f"k-center runs of {runs.shape[1]} frames ({num_frames} frames, {num_segments} segments)")
+        return TokenLayout(num_tokens=num_tokens, num_segments=num_segments, hybrid_frames=hybrid, run_frames=runs,
+                           run_coords=self.coords[runs].flatten(1, 3), run_places=torch.arange(candidates) % per_frame,
+                           num_hybrid_tokens=num_hybrid_tokens, num_kcenter_tokens=num_kcenter_tokens,
+                           num_runs=num_runs, picks_per_run=picks_per_run)
+
+    def layout(self, num_tokens: int | None = None, num_segments: int | None = None) -> TokenLayout:
+        """The layout of a token budget (None: the one built), on the sampler's device; others are built once."""
+        num_tokens = self.num_tokens if num_tokens is None else num_tokens
+        num_segments = self.num_segments if num_segments is None else num_segments
+        if (num_tokens, num_segments) == (self.num_tokens, self.num_segments):
+            return TokenLayout(num_tokens=num_tokens, num_segments=num_segments, hybrid_frames=self.hybrid_frames,
+                               run_frames=self.run_frames, run_coords=self.run_coords, run_places=self.run_places,
+                               num_hybrid_tokens=self.num_hybrid_tokens, num_kcenter_tokens=self.num_kcenter_tokens,
+                               num_runs=self.num_runs, picks_per_run=self.picks_per_run)
+        key = (num_tokens, num_segments, self.frame_of.device)
+        if key not in self._other_layouts:
+            built = self.build_layout(num_tokens, num_segments, name="token budget")
+            self._other_layouts[key] = built.to(self.frame_of.device)
+        return self._other_layouts[key]
 
     @property
     def candidates_per_run(self) -> int:
         return self.run_coords.shape[1]
 
-    def run_starts(self, seeds: Tensor) -> Tensor:
+    def run_starts(self, seeds: Tensor, layout: TokenLayout | None = None) -> Tensor:
         """(B,) clip seeds -> (B * runs,) first picks: run r of a clip uses stream r (run 0: the ViT's one)."""
-        runs = torch.arange(self.num_runs).repeat(len(seeds))
-        return seeded_starts(seeds.cpu().repeat_interleave(self.num_runs), self.candidates_per_run, stream=runs)
+        layout = layout or self.layout()
+        runs = torch.arange(layout.num_runs).repeat(len(seeds))
+        return seeded_starts(seeds.cpu().repeat_interleave(layout.num_runs), layout.candidates_per_run, stream=runs)
 
     @torch.no_grad()
     def forward(self, clip: Tensor, start: Tensor | None = None, generator: torch.Generator | None = None,
-                seeds: Tensor | None = None):
+                seeds: Tensor | None = None, num_tokens: int | None = None, num_segments: int | None = None):
+        layout = self.layout(num_tokens, num_segments)
         patches = patchify(clip, self.patch_size)  # (B, T, h, w, C*p*p)
         B, T = patches.shape[:2]
         per_frame = self.grid ** 2
         flat_index = torch.arange(T * per_frame, device=clip.device).view(T, per_frame)
-        chosen = [flat_index[self.hybrid_frames].flatten().expand(B, -1)]  # (B, n*h*w) raster order
-        if self.num_kcenter_tokens:
-            R = self.num_runs
-            pixels = patches[:, self.run_frames].flatten(0, 1).flatten(1, 3)  # (B*R, N, C*p*p), run-major per clip
-            coords = self.run_coords.to(pixels.dtype).repeat(B, 1, 1)  # (B*R, N, 3)
+        chosen = [flat_index[layout.hybrid_frames].flatten().expand(B, -1)]  # (B, n*h*w) raster order
+        if layout.num_kcenter_tokens:
+            R = layout.num_runs
+            pixels = patches[:, layout.run_frames].flatten(0, 1).flatten(1, 3)  # (B*R, N, C*p*p), run-major
+            coords = layout.run_coords.to(pixels.dtype).repeat(B, 1, 1)  # (B*R, N, 3)
             if start is not None:
                 start = torch.as_tensor(start).reshape(-1)
             elif seeds is not None:
-                start = self.run_starts(seeds)
+                start = self.run_starts(seeds, layout)
             # a pick removes its place: per_frame groups, known here, so not counted (on the GPU) at every call
-            groups, num_groups = (self.run_places, per_frame) if self.one_per_place else (None, None)
-            picks = kcenter_sample(torch.cat([pixels, coords], dim=-1), self.picks_per_run, start, generator,
+            groups, num_groups = (layout.run_places, per_frame) if self.one_per_place else (None, None)
+            picks = kcenter_sample(torch.cat([pixels, coords], dim=-1), layout.picks_per_run, start, generator,
                                    groups=groups, num_groups=num_groups)  # (B*R, q)
             if self.sort_by_place:
                 picks = picks.gather(1, (picks % per_frame).sort(dim=1, stable=True).indices)
-            run_index = flat_index[self.run_frames].flatten(1)  # (R, N) index in the whole clip of each candidate
+            run_index = flat_index[layout.run_frames].flatten(1)  # (R, N) index in the whole clip of each candidate
             picks = run_index.repeat(B, 1).gather(1, picks)  # back to indices in the whole clip
-            chosen.append(picks.view(B, R * self.picks_per_run))
+            chosen.append(picks.view(B, R * layout.picks_per_run))
         index = torch.cat(chosen, dim=1)  # (B, K)
         tokens = torch.gather(patches.flatten(1, 3), 1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         return tokens, self.frame_of[index], self.place_of[index]

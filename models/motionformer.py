@@ -22,15 +22,16 @@ from .vit import KCenterViT
 
 
 class TrajectoryAttention(nn.Module):
-    """(B, 1 + G*P, D) -> same: a class token, then G groups of P tokens (group-major)."""
+    """(B, 1 + G*P, D) -> same: a class token, then G groups of P = `group_size` tokens (group-major)."""
 
     def __init__(self, dim: int, *, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, num_groups: int = 1, qk_norm: bool = False, scale_norm: bool = False,
+                 proj_drop: float = 0.0, group_size: int = 1, qk_norm: bool = False, scale_norm: bool = False,
                  **unused):  # the rest of what timm's Block passes to its attention (norm_layer, device, ...)
         super().__init__()
         if qk_norm or scale_norm:
             raise ValueError("TrajectoryAttention has no qk_norm / scale_norm")
-        self.num_groups, self.num_heads = num_groups, num_heads
+        # tokens per group (grid^2): the group count follows from the tokens, so one model runs any token budget
+        self.group_size, self.num_heads = group_size, num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -43,8 +44,9 @@ class TrajectoryAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         B, N, C = x.shape
-        G, h = self.num_groups, self.num_heads
-        P = (N - 1) // G
+        P, h = self.group_size, self.num_heads
+        G = (N - 1) // P
+        assert G * P == N - 1, f"{N - 1} tokens are not groups of {P}"
         q, k, v = self.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # each (B, h, N, d)
         cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # the class token attends to every token
         cls_out = cls_out.transpose(1, 2).reshape(B, 1, C)
@@ -75,5 +77,5 @@ class KCenterMotionformer(KCenterViT):
 
     def make_block(self, **kwargs) -> nn.Module:
         block = Block(attn_layer=TrajectoryAttention, **kwargs)  # timm builds its attention from the class
-        block.attn.num_groups = self.num_groups
+        block.attn.group_size = self.group_size
         return block

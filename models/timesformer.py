@@ -72,8 +72,9 @@ class KCenterTimeSformer(KCenterViT):
         return DividedSpaceTimeBlock(**kwargs)
 
     def run_blocks(self, x: Tensor) -> Tensor:
+        groups = (x.shape[1] - 1) // self.group_size  # the segments of this forward's token budget
         for block in self.blocks:
-            x = block(x, self.num_groups)
+            x = block(x, groups)
         return x
 
     def adapt_2d_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -7,6 +7,11 @@ learned temporal embedding of its true frame. Class token, timm `Block`s with fu
 `KCenterViT` is also the frame the other families fill in (models/timesformer.py, models/motionformer.py): they
 change how the sampler lays out the tokens (`segmented`: one group of grid^2 tokens per segment of the clip) and
 the blocks (`make_block`, `run_blocks`); embedding, head, optimizer groups and 2-D weight loading are shared.
+
+Token budgets: `forward(clip, num_tokens=N)` runs a trained model on N tokens instead of the `num_tokens` it was
+built with (no weight depends on the count): the ViT on any N from its hybrid frames' tokens to every patch of the
+clip, the segmented families on N = segments x grid^2 for a number of segments that divides the frames and holds the
+hybrid segments (`token_budgets`). The same weights built with num_tokens=N (and those segments) compute the same.
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ class KCenterViT(nn.Module):
                  drop_path_rate: float = 0.1, num_segments: int = 8):
         super().__init__()
         grid = img_size // patch_size
-        self.num_groups = num_segments if self.segmented else 1  # token groups the blocks see
+        self.num_groups = num_segments if self.segmented else 1  # token groups the blocks see at num_tokens
+        self.group_size = grid * grid if self.segmented else None  # tokens per group: a budget sets the group count
         if self.segmented and num_tokens != num_segments * grid * grid:
             raise ValueError(f"model.num_tokens {num_tokens} must be model.num_segments x {grid}x{grid} places = "
                              f"{num_segments * grid * grid} for {type(self).__name__}: one token group per segment")
@@ -92,10 +98,51 @@ class KCenterViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def select_tokens(self, clip: Tensor, start: Tensor | None = None, seeds: Tensor | None = None):
+    def token_budgets(self) -> range | list[int]:
+        """The token counts this model can run on. The ViT: from its hybrid frames' tokens (no k-center picks) to
+        every patch of the clip (all picked). The segmented families: segments x grid^2, one group of grid^2 tokens
+        per segment, for every number of segments that divides the frames and is at least the hybrid segments (their
+        blocks attend within and across groups of grid^2, whatever their count; a token's time embedding is that of
+        its true frame)."""
+        sampler, per_frame = self.sampler, self.sampler.grid ** 2
+        if self.segmented:
+            return [s * per_frame for s in range(1, sampler.num_frames + 1)
+                    if sampler.num_frames % s == 0 and s >= sampler.num_hybrid_frames]
+        lowest = sampler.num_hybrid_frames * per_frame
+        return range(lowest, (sampler.num_frames * per_frame if sampler.num_hybrid_frames < sampler.num_frames
+                              else lowest) + 1)
+
+    def check_budget(self, num_tokens: int) -> None:
+        """A ValueError naming the valid budgets if this model cannot run on `num_tokens` tokens."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise ValueError(f"a token budget is an int, got {type(num_tokens).__name__} {num_tokens!r}")
+        budgets = self.token_budgets()
+        if num_tokens not in budgets:
+            name, sampler = type(self).__name__, self.sampler
+            if self.segmented:
+                raise ValueError(f"token budget {num_tokens!r} is not one {name} can run on: its tokens are segments "
+                                 f"x {self.group_size} (one group per segment; the segments divide the "
+                                 f"{sampler.num_frames} frames and hold the {sampler.num_hybrid_frames} hybrid "
+                                 f"segments), valid budgets: {', '.join(map(str, budgets))}")
+            raise ValueError(f"token budget {num_tokens!r} is outside [{budgets[0]}, {budgets[-1]}], the budgets "
+                             f"{name} can run on: from its {sampler.num_hybrid_frames} hybrid frames of {sampler.grid ** 2} "
+                             f"patches to all {sampler.num_frames} x {sampler.grid ** 2} patches of the clip")
+
+    def token_layout(self, num_tokens: int | None = None):
+        """The sampler's `TokenLayout` of a budget (None: `num_tokens` as built); an error naming the valid ones."""
+        if num_tokens is None:
+            return self.sampler.layout()
+        self.check_budget(num_tokens)
+        return self.sampler.layout(num_tokens, num_tokens // self.group_size if self.segmented else 1)
+
+    def select_tokens(self, clip: Tensor, start: Tensor | None = None, seeds: Tensor | None = None,
+                      num_tokens: int | None = None):
         """clip (B, C, T, H, W) -> tokens (B, K, C*p*p), t_index (B, K), s_index (B, K).
-        The k-center starts: `start` (B,), else a function of `seeds` (B,), else random (KCenterTokenSampler)."""
-        return self.sampler(clip, start=start, seeds=seeds)
+        The k-center starts: `start` (B,), else a function of `seeds` (B,), else random (KCenterTokenSampler).
+        K is `num_tokens`, a budget of `token_budgets` (None: the model's own)."""
+        layout = self.token_layout(num_tokens)
+        return self.sampler(clip, start=start, seeds=seeds, num_tokens=layout.num_tokens,
+                            num_segments=layout.num_segments)
 
     def forward_tokens(self, tokens: Tensor, t_index: Tensor, s_index: Tensor) -> Tensor:
         proj = self.patch_embed.proj
@@ -108,8 +155,10 @@ class KCenterViT(nn.Module):
         x = self.norm(self.run_blocks(x))
         return self.head(self.head_drop(x[:, 0]))
 
-    def forward(self, clip: Tensor, start: Tensor | None = None, seeds: Tensor | None = None) -> Tensor:
-        tokens, t_index, s_index = self.select_tokens(clip, start, seeds)
+    def forward(self, clip: Tensor, start: Tensor | None = None, seeds: Tensor | None = None,
+                num_tokens: int | None = None) -> Tensor:
+        """clip (B, C, T, H, W) -> logits (B, classes), on `num_tokens` tokens (None: the model's own)."""
+        tokens, t_index, s_index = self.select_tokens(clip, start, seeds, num_tokens)
         return self.forward_tokens(tokens.to(self.pos_embed.dtype), t_index, s_index)
 
     # the parameters before the blocks: layer 0 of the layer-wise learning-rate decay

@@ -242,7 +242,7 @@ def test_eval_and_predict_test_the_average_and_name_a_checkpoint_without_one(tmp
 
     heads = []
 
-    def classify(model, cfg, path, device, ensemble):  # what predict.py scores each video with, no video read
+    def classify(model, cfg, path, device, ensemble, num_tokens=None):  # what predict.py scores a video with, no read
         heads.append(model.head.weight.detach().clone())
         return torch.full((5,), 0.2), None, None
 

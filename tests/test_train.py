@@ -166,10 +166,10 @@ class RefusesEmpty(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, clips, seeds=None):
+    def forward(self, clips, seeds=None, num_tokens=None):
         if not len(clips):
             raise RuntimeError("batch size must be positive")
-        return self.model(clips, seeds=seeds)
+        return self.model(clips, seeds=seeds, num_tokens=num_tokens)
 
 
 def clip_batch(first_video: int, size: int, views: tuple = ()) -> Batch:
@@ -449,8 +449,9 @@ def test_demo_train_then_eval_writes_results(tmp_path, demo_root):
     assert summary["labelled"] is False and summary["metrics"] == {"videos": 8} and summary["scored_videos"] == 8
     assert "has no labels, so predictions only" in result.stderr + result.stdout
     predictions = (tmp_path / "un" / "predictions.csv").read_text().strip().splitlines()
-    assert predictions[0] == "path,label,prediction,score,top5,top5_classes" and len(predictions) == 9
-    assert all(line.split(",")[1] == "" and len(line.split(",")[-1].split("|")) == 4 for line in predictions[1:])
+    assert predictions[0] == "path,label,prediction,score,top5,top5_classes,budget" and len(predictions) == 9
+    assert all(line.split(",")[1] == "" and len(line.split(",")[-2].split("|")) == 4 and line.split(",")[-1] == "60"
+               for line in predictions[1:])
 
 
 def test_a_broken_test_list_stops_training_before_its_first_step(tmp_path, demo_root):
