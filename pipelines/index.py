@@ -17,7 +17,9 @@ key does not see: a video changed in place without its manifest (preprocess/ rew
 added to or removed from an SSv2 folder (a missing frame is still an error naming the file when it is read).
 
 One process builds an index while the others wait on a lock next to it (an flock, which also holds across nodes
-on NFS v4 and Lustre); they then open what it wrote. The file is written to a temporary name and renamed.
+on NFS v4 and Lustre); they then open what it wrote. The file is written to a temporary name and renamed. The
+other indexes of the list (earlier versions, other reader settings) are removed then, each once no process has it
+open: every reader holds a shared lock on its file, as a run's DALI workers reopen it by path when they start.
 
 Layout of a file: MAGIC, the header's length (8 bytes, little-endian), the header (JSON: key, class names, flags,
 columns), then each column 64-byte aligned. A string column is its strings' common prefix (in the header), a
@@ -58,11 +60,21 @@ class VideoIndex(Sequence):
 
     def __init__(self, path: str):
         self.path = path
-        with open(path, "rb") as f:
+        # A shared flock for as long as this object lives: the process that builds a newer index of the same list
+        # removes this file only when it can lock it exclusively (`_remove_unused`), since a run reading it still
+        # starts workers that reopen it by path (a second experiment on the same data with other reader settings)
+        self._file = open(path, "rb")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_SH)
+            if os.fstat(self._file.fileno()).st_ino != os.stat(path).st_ino:  # removed or replaced before the lock
+                raise FileNotFoundError(errno.ENOENT, "index replaced while it was opened", path)
             try:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             except ValueError:  # an empty file cannot be mapped
                 raise ValueError(f"{path}: not a video index (empty file)") from None
+        except BaseException:
+            self._file.close()
+            raise
         if self._map[: len(MAGIC)] != MAGIC:
             raise ValueError(f"{path}: not a video index (no {MAGIC!r} at its start)")
         size = int.from_bytes(self._map[len(MAGIC): len(MAGIC) + 8], "little")
@@ -276,13 +288,20 @@ def cached_dataset(cfg, split: str, annotation: str, files: Sequence[str], folde
             log.info("%s changed while it was read: not indexed this time", annotation)
             return built
         write_index(path, built, key)
-        for old in os.listdir(folder):  # indexes of earlier versions of this list (open ones stay readable)
+        for old in os.listdir(folder):  # indexes of earlier versions of this list, or of other reader settings
             if old.startswith(stem + ".") and old.endswith(SUFFIX) and old != os.path.basename(path):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, old))
+                _remove_unused(os.path.join(folder, old))
         log.info("indexed %d videos of %s in %.1f s: %s", len(built.videos), annotation,
                  time.perf_counter() - start, path)
     return _open(path, key, announce=False)  # the reader has said what is missing
+
+
+def _remove_unused(path: str) -> None:
+    """Remove an index file no process has open (each `VideoIndex` holds a shared lock on its file); one that a run
+    still reads stays, for a later build to remove."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.remove(path)
 
 
 def _open(path: str, key: str, announce: bool = True) -> VideoDataset | None:

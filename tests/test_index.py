@@ -62,6 +62,7 @@ def test_a_changed_annotation_manifest_or_folder_builds_a_new_index(kinetics, ca
     first = read_dataset(cfg, "train", show_progress=False)
     root, annotation = cfg.root, first.annotation
     folder = os.path.join(os.path.dirname(annotation), CACHE_FOLDER)
+    del first  # closed: an index still open stays (the test below)
 
     manifest = os.path.join(root, "train", "manifest.csv")  # one video re-encoded: another frame count
     lines = open(manifest).read().splitlines()
@@ -72,7 +73,7 @@ def test_a_changed_annotation_manifest_or_folder_builds_a_new_index(kinetics, ca
     target = os.path.normpath(os.path.join(root, "train", path))
     (video,) = [v for v in changed.videos if os.path.normpath(v.path) == target]
     assert video.num_frames == int(frames) + 7
-    assert len(index_files(folder)) == 1  # the old one is removed
+    assert len(index_files(folder)) == 1  # the old one, no longer open, is removed
 
     with open(annotation, "a") as f:  # a new line: its video is not on disk
         f.write("class 999,AAAAAAAAAAA,0,10,train\n")
@@ -90,6 +91,21 @@ def test_a_changed_annotation_manifest_or_folder_builds_a_new_index(kinetics, ca
         again = read_dataset(kinetics(allow_missing=True), "train", show_progress=False)
     assert isinstance(again.videos, VideoIndex) and again.missing == left.missing
     assert sum("left out" in r.message for r in caplog.records) == 2  # said at every start, not only when built
+
+
+def test_an_index_a_run_still_reads_stays_when_other_settings_build_their_own(kinetics):
+    # a second experiment on the same data with other reader settings builds an index of its own, and removes the
+    # older ones of the list, but not one a run still has open: its DALI workers reopen it by path when they start
+    first = read_dataset(kinetics(), "train", show_progress=False)
+    path = first.videos.path
+    second = read_dataset(kinetics(allow_missing=True), "train", show_progress=False)
+    assert second.videos.path != path and os.path.exists(path)
+    worker = pickle.loads(pickle.dumps(first.videos))  # a worker started after the other build
+    assert list(worker) == list(first.videos)
+    del first, worker  # that run ended: the next build removes its index, and keeps the one still open
+    third = read_dataset(kinetics(frame_start=1), "train", show_progress=False)
+    folder = os.path.dirname(path)
+    assert index_files(folder) == sorted(os.path.basename(d.videos.path) for d in (second, third))
 
 
 def test_an_unreadable_index_is_built_again(kinetics, caplog):
