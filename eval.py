@@ -150,7 +150,7 @@ def write_results(out_dir: str, cfg: Config, checkpoint: dict, ensemble: str, re
 
 # model settings that do not change the function a trained model computes at test time
 _EVAL_IRRELEVANT = {"pretrained", "init_from", "init_skip", "drop_rate", "pos_drop_rate", "attn_drop_rate",
-                    "drop_path_rate"}
+                    "drop_path_rate", "grad_checkpointing"}
 
 
 def check_checkpoint_fits(ckpt: dict, cfg: Config, path: str, class_names: list[str]) -> None:

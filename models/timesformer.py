@@ -73,7 +73,7 @@ class KCenterTimeSformer(KCenterViT):
 
     def run_blocks(self, x: Tensor) -> Tensor:
         for block in self.blocks:
-            x = block(x, self.num_groups)
+            x = self.call_block(block, x, self.num_groups)
         return x
 
     def adapt_2d_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
