@@ -90,3 +90,16 @@ def test_the_config_key_reaches_the_model_and_is_off_by_default():
             assert build_model(cfg.model).grad_checkpointing is on
     with pytest.raises(TypeError, match="model.grad_checkpointing must be bool"):
         config_from_dict({"model": {"grad_checkpointing": "yes"}})
+
+
+def test_eval_takes_a_checkpoint_trained_with_checkpointing_under_a_config_without_it():
+    pytest.importorskip("av", reason="needs PyAV")  # eval reads videos with it
+    from eval import check_checkpoint_fits
+    trained = Config()
+    trained.model.grad_checkpointing = True  # a training setting: the function the weights compute is the same
+    ckpt = {"config": trained.to_dict(), "class_names": ["a", "b"]}
+    check_checkpoint_fits(ckpt, Config(), "last.pt", ["a", "b"])
+    other = Config()
+    other.model.depth = 6
+    with pytest.raises(ValueError, match="model.depth"):  # a setting that does change it is still refused
+        check_checkpoint_fits(ckpt, other, "last.pt", ["a", "b"])
