@@ -1,5 +1,7 @@
 """train.compile: a few CPU training steps of a tiny model compiled with inductor give the eager model's losses and
-weights; the K-center sampler stays eager; checkpoints keep plain state dict keys; the moving average still works."""
+weights; the K-center sampler stays eager; checkpoints keep plain state dict keys; the moving average still works;
+train.py end to end with compilation and activation checkpointing on."""
+import json
 import os
 import shutil
 
@@ -13,7 +15,7 @@ import train
 from config import Config, config_from_dict
 from test_checkpointing import small_model
 from test_layer_decay_ema import Loader
-from test_train import bare_trainer, clip_batch
+from test_train import bare_trainer, clip_batch, demo_root, run, write_config  # noqa: F401 (a fixture)
 
 # inductor's CPU backend compiles C++; without a compiler it cannot run (not a failure of this project)
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
@@ -86,3 +88,22 @@ def test_the_config_key_is_off_by_default_and_typed():
     model = small_model("vit", depth=1)
     train.compile_model(model, Config())  # off: the model's own method
     assert model.forward_tokens.__func__ is type(model).forward_tokens
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_train_py_compiled_and_checkpointed_saves_plain_keys_and_eval_py_tests_it_eagerly(tmp_path, demo_root):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, demo_root, out, train={"epochs": 1})
+    result = run(["train.py", "--config", config, "train.compile=true", "model.grad_checkpointing=true",
+                  "train.model_ema=true"], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    plain = list(small_model("vit", depth=1).state_dict())  # the names of an eager model's weights
+    assert list(ckpt["model"]) == list(ckpt["model_ema"]) == plain
+    assert ckpt["config"]["train"]["compile"] and ckpt["config"]["model"]["grad_checkpointing"]
+    assert json.loads((out / "results.json").read_text())["scored_videos"] == 8  # the test after training
+    # eval.py with the config as it was before either was turned on: a training setting, not the model's function
+    result = run(["eval.py", "--config", config, f"eval.out_dir={tmp_path / 'ev'}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["scored_videos"] == 8
