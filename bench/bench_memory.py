@@ -23,7 +23,7 @@ The system time is mostly the kernel zeroing the pages of freshly mapped buffers
 under the fixed threshold above), which grows with the memory a step allocates; train.py's default allocator
 reuses more of its heap. Ratios are to the same family's eager step without checkpointing, in the same run.
 
-    python bench/bench_memory.py                  # 3 families x (checkpointing off, on): ~10-25 min on 2 cores
+    python bench/bench_memory.py                  # 3 families x (checkpointing off, on): 15-23 min on 2 shared cores
     python bench/bench_memory.py --compile        # also train.compile (forward_tokens), without and with checkpointing
     python bench/bench_memory.py --families vit --steps 3
 """
