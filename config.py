@@ -145,6 +145,11 @@ class ModelConfig:
     # optimizer, schedule and epoch; the head is replaced when the class count differs
     init_skip: list[str] = field(default_factory=list)  # with init_from: parameters left at their initialisation,
     # by name, dotted prefix or pattern (e.g. head, blocks.*.temporal_fc)
+    # activation checkpointing of each transformer block in training (PySlowFast MODEL.ACT_CHECKPOINT, VideoMAE
+    # --use_checkpoint): its activations are recomputed in the backward instead of kept, less memory for about one
+    # more forward of the blocks (bench/RESULTS.md). The same loss and gradients (dropout and drop path draw the same
+    # masks again); the K-center sampler is never recomputed
+    grad_checkpointing: bool = False
 
     def __post_init__(self):
         _check_choice("model.arch", self.arch, ARCHS)
@@ -209,6 +214,11 @@ class TrainConfig:
     mixup_prob: float = 1.0  # probability that a micro-batch (pair, clip: mixup_mode) is mixed
     mixup_switch_prob: float = 0.5  # with mixup and cutmix both on: probability of cutmix
     mixup_mode: str = "batch"  # batch | pair | elem: one draw per micro-batch, per pair of clips, per clip (timm's)
+    # torch.compile (inductor) of the model's tokens -> logits part (forward_tokens: patch embedding, blocks, head); the
+    # K-center sampler before it stays eager (sequential data-dependent picks, already a Numba / Triton kernel).
+    # Checkpoints keep plain state dict keys; the EMA copy runs eager. Dropout and drop path draw from inductor's
+    # generator, not the eager one's, so a compiled run is close to, not bit-identical with, an eager one
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "micro_batch_size", "val_every_epochs", "log_every_steps"):

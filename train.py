@@ -133,6 +133,18 @@ def build_ema(model: torch.nn.Module, cfg: Config):
     return ema
 
 
+def compile_model(model: torch.nn.Module, cfg: Config) -> None:
+    """train.compile: torch.compile (inductor) the model's tokens -> logits part, `forward_tokens`, in place.
+
+    The K-center sampler (`select_tokens`, before it) stays eager: k sequential picks whose every step depends on
+    the last are no graph to fuse, and its CPU and CUDA paths are already compiled kernels (Numba, Triton). Only the
+    bound method is replaced, not the module wrapped, so the state dict keeps its plain keys (no `_orig_mod.`) for
+    checkpoints, resumes, eval.py and predict.py. Called after `build_ema`: the average is a copy of the eager
+    model (timm deep-copies it) and is validated eagerly."""
+    if cfg.train.compile:
+        model.forward_tokens = torch.compile(model.forward_tokens)
+
+
 # What a resumed run must share with the run that wrote last.pt to continue the same training. The number of
 # processes and train.micro_batch_size may change: train.batch_size fixes the clips of each optimizer step.
 RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size",
@@ -360,6 +372,7 @@ class Trainer:
                                  cfg.model.init_skip)
         self.model.to(device)
         self.ema = build_ema(self.model, cfg)  # of the weights the run starts from; a resume loads the saved one
+        compile_model(self.model, cfg)  # after the average's copy (see there)
         # the loss is the mean over a step's clips: with data.num_sample N, N augmented views of each video
         self.ddp = TrainingLoss(self.model, cfg.train.label_smoothing,
                                 cfg.train.micro_batch_size * self.accum * cfg.data.num_sample)

@@ -21,6 +21,7 @@ def build_model(cfg, pixel_std: float = 0.5, load_pretrained: bool = True) -> KC
         num_hybrid_frames=cfg.num_hybrid_frames, pixel_std=pixel_std, temporal_coef=cfg.temporal_coef,
         spatial_coef=cfg.spatial_coef, drop_rate=cfg.drop_rate, pos_drop_rate=cfg.pos_drop_rate,
         attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.pretrained and load_pretrained:
         load_pretrained_2d(model, cfg.pretrained)
     return model

@@ -74,7 +74,7 @@ class KCenterTimeSformer(KCenterViT):
     def run_blocks(self, x: Tensor) -> Tensor:
         groups = (x.shape[1] - 1) // self.group_size  # the segments of this forward's token budget
         for block in self.blocks:
-            x = block(x, groups)
+            x = self.call_block(block, x, groups)
         return x
 
     def adapt_2d_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -12,6 +12,10 @@ Token budgets: `forward(clip, num_tokens=N)` runs a trained model on N tokens in
 built with (no weight depends on the count): the ViT on any N from its hybrid frames' tokens to every patch of the
 clip, the segmented families on N = segments x grid^2 for a number of segments that divides the frames and holds the
 hybrid segments (`token_budgets`). The same weights built with num_tokens=N (and those segments) compute the same.
+
+Activation checkpointing (`set_grad_checkpointing`, timm's convention; model.grad_checkpointing): in training each
+block runs under `torch.utils.checkpoint` and its activations are recomputed in the backward. Only the blocks: the
+K-center sampler runs once per forward, before them, outside any checkpointed region.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .kcenter import KCenterTokenSampler
 
@@ -37,6 +42,7 @@ class KCenterViT(nn.Module):
     # True = `num_segments` groups of grid^2 tokens, one per segment (TimeSformer, Motionformer)
     segmented = False
     one_per_place = sort_by_place = False
+    grad_checkpointing = False  # `set_grad_checkpointing`
 
     def __init__(self, *, num_classes: int, num_frames: int = 32, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
@@ -81,8 +87,21 @@ class KCenterViT(nn.Module):
     def run_blocks(self, x: Tensor) -> Tensor:
         """(B, 1 + K, D) -> (B, 1 + K, D): the class token, then the tokens group-major."""
         for block in self.blocks:
-            x = block(x)
+            x = self.call_block(block, x)
         return x
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block in training (timm's method; PySlowFast MODEL.ACT_CHECKPOINT,
+        VideoMAE --use_checkpoint): less memory for one more forward of the blocks in the backward."""
+        self.grad_checkpointing = enable
+
+    def call_block(self, block: nn.Module, x: Tensor, *args) -> Tensor:
+        """block(x, *args); under activation checkpointing when it is on and a backward will follow. Non-reentrant
+        checkpointing restores the RNG state for the recomputation, so dropout and drop path draw the same masks as
+        in the forward, and the loss and gradients are those without checkpointing."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
 
     def adapt_2d_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A 2-D ViT state dict as this model takes it (the ViT: as it is)."""
