@@ -36,6 +36,31 @@ def test_paper_configs_load():
     assert (k400.train.batch_size, k400.train.lr, k400.train.epochs, k400.train.label_smoothing) == (256, 1e-4, 15, 0.2)
 
 
+
+def test_the_videomae_recipe_is_the_papers_model_with_videomaes_fine_tuning():
+    recipe, paper = (load_config(f"configs/{name}.yaml") for name in
+                     ("kcenter_vit_kinetics_videomae", "kcenter_vit_kinetics"))
+    assert recipe.model == paper.model  # the K-center ViT-B: frames, tokens, hybrid frames, weights
+    for key in ("num_frames", "sampling_rate", "crop_size", "train_jitter_scales", "mean", "std"):
+        assert getattr(recipe.data, key) == getattr(paper.data, key), key
+    d, t, e = recipe.data, recipe.train, recipe.eval  # VideoMAE's ViT-B K400 fine-tuning (the values' sources: there)
+    assert (d.rand_augment, d.num_sample, d.re_prob, d.re_mode, d.re_count, d.color_jitter) == \
+        ("rand-m7-n4-mstd0.5-inc1", 2, 0.25, "pixel", 1, False)
+    assert (t.epochs, t.batch_size, t.micro_batch_size, t.lr, t.min_lr, t.warmup_epochs) == \
+        (75, 384, 6, 5e-4 * 384 / 256, 1e-6 * 384 / 256, 5)
+    assert (t.weight_decay, t.betas, t.layer_decay, t.label_smoothing, t.clip_grad) == (0.05, (0.9, 0.999), 0.75, 0.1, 0)
+    assert (t.mixup, t.cutmix, t.mixup_prob, t.mixup_switch_prob, t.mixup_mode) == (0.8, 1.0, 1.0, 0.5, "batch")
+    assert (t.model_ema, t.model_ema_decay, recipe.model.grad_checkpointing, t.compile) == (False, 0.9999, False, False)
+    assert (e.num_clips, e.num_crops) == (5, 3)
+    # and the paper's recipes have none of the toolbox on
+    for name in ("kcenter_vit_kinetics", "kcenter_vit_ssv2", "kcenter_timesformer_kinetics",
+                 "kcenter_timesformer_ssv2", "kcenter_motionformer_kinetics", "kcenter_motionformer_ssv2"):
+        c = load_config(f"configs/{name}.yaml")
+        assert (c.data.num_sample, c.data.re_prob, c.train.mixup, c.train.cutmix, c.train.layer_decay,
+                c.train.model_ema, c.model.grad_checkpointing, c.train.compile) == \
+            (1, 0.0, 0.0, 0.0, 1.0, False, False, False), name
+
+
 @pytest.mark.parametrize("data,match", [
     ({"data": {"num_frame": 8}}, "data.num_frame"),  # typo in a key
     ({"train": {"lr": "fast"}}, "train.lr must be float"),
