@@ -91,22 +91,9 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[st
 
 def score_videos(model, loader, device, amp_dtype, rank: int, cfg: Config, ensemble: str,
                  save_patches: str | None = None):
-    """{dataset index: (label, combined scores)} for this rank's share of the test videos."""
-    model.eval()
-    results, drawn = {}, 0
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="test", disable=rank != 0, dynamic_ncols=True):
-            B, V = batch.clips.shape[:2]
-            if B == 0:  # nothing to score, and fused attention kernels reject a batch of 0
-                continue
-            views = batch.clips.flatten(0, 1)  # (B*V, C, T, H, W)
-            seeds = view_seeds(cfg.train.seed, batch.index, V)
-            scores = score_views(model, views, seeds, (B, V), device, amp_dtype, ensemble)
-            for index, label, video_scores in zip(batch.index.tolist(), batch.labels.tolist(), scores):
-                results[index] = (label, video_scores)
-            if save_patches and drawn < 8:
-                drawn += draw_first_views(model, batch, seeds.view(B, V), save_patches, cfg, limit=8 - drawn)
-    return results
+    """{dataset index: (label, combined scores)} for this rank's share of the test videos, on the model's own
+    token budget (`score_budgets` with that one budget)."""
+    return score_budgets(model, loader, device, amp_dtype, rank, cfg, ensemble, [None], save_patches)[0][None]
 
 
 def score_views(model, views, seeds, shape: tuple[int, int], device, amp_dtype, ensemble: str,
@@ -120,7 +107,8 @@ def score_views(model, views, seeds, shape: tuple[int, int], device, amp_dtype, 
 
 def score_budgets(model, loader, device, amp_dtype, rank: int, cfg: Config, ensemble: str, budgets: list[int],
                   save_patches: str | None = None):
-    """score_videos at each token budget: ({budget: {dataset index: (label, scores)}}, {budget: [views, seconds]}).
+    """The scores of this rank's test videos at each token budget (None: the model's own):
+    ({budget: {dataset index: (label, scores)}}, {budget: [views, seconds]}).
 
     Each batch is decoded once and scored at every budget in turn, with the same views and K-center seeds. The
     seconds are those of the forward passes (sampler included, up to the scores on the host) after the first batch,
