@@ -15,7 +15,7 @@ import train
 from config import Config, config_from_dict
 from test_checkpointing import small_model
 from test_layer_decay_ema import Loader
-from test_train import bare_trainer, clip_batch, demo_root, run, write_config  # noqa: F401 (a fixture)
+from test_train import bare_trainer, clip_batch, demo_root, record_losses, run, write_config  # noqa: F401 (a fixture)
 
 # inductor's CPU backend compiles C++; without a compiler it cannot run (not a failure of this project)
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
@@ -42,14 +42,7 @@ def trained(arch: str, compile: bool, grad_checkpointing: bool = False, steps: i
     train.compile_model(tr.model, tr.cfg)
     for name, module in ((("sampler", model.sampler), ("norm", model.norm)) if traced is not None else ()):
         module.register_forward_pre_hook(lambda m, args, name=name: traced[name].append(torch.compiler.is_compiling()))
-    losses, forward_loss = [], tr.forward_loss
-
-    def recording(*args):
-        loss, logits = forward_loss(*args)
-        losses.append(loss.item())
-        return loss, logits
-
-    tr.forward_loss = recording
+    losses = record_losses(tr)
     train.train_one_epoch(tr, 0, 0)
     return losses, tr
 

@@ -233,11 +233,8 @@ def bare_trainer(model, batches: list, accum: int, **train_settings) -> Trainer:
     return tr
 
 
-def test_training_reads_the_loss_once_a_log_interval_and_logs_the_means_it_logged_before(monkeypatch):
-    torch.manual_seed(0)
-    batches = [clip_batch(2 * i, 2) for i in range(8)]
-    batches[5] = clip_batch(10, 0)  # its videos were all bad
-    tr = bare_trainer(RefusesEmpty(KCenterViT(**SMALL)), batches, accum=2, log_every_steps=2)  # 4 steps
+def record_losses(tr) -> list[float]:
+    """The loss of each micro-batch `tr` trains on, appended to the returned list as they come."""
     losses, forward_loss = [], tr.forward_loss
 
     def recording(*args):
@@ -246,6 +243,15 @@ def test_training_reads_the_loss_once_a_log_interval_and_logs_the_means_it_logge
         return loss, logits
 
     tr.forward_loss = recording
+    return losses
+
+
+def test_training_reads_the_loss_once_a_log_interval_and_logs_the_means_it_logged_before(monkeypatch):
+    torch.manual_seed(0)
+    batches = [clip_batch(2 * i, 2) for i in range(8)]
+    batches[5] = clip_batch(10, 0)  # its videos were all bad
+    tr = bare_trainer(RefusesEmpty(KCenterViT(**SMALL)), batches, accum=2, log_every_steps=2)  # 4 steps
+    losses = record_losses(tr)
     reads = host_reads(monkeypatch, train, "item")
     stats = train_one_epoch(tr, 0, 0)
     assert tr.step == 4 and len(losses) == 8 and losses[5] == 0
