@@ -150,6 +150,12 @@ class ModelConfig:
     # more forward of the blocks (bench/RESULTS.md). The same loss and gradients (dropout and drop path draw the same
     # masks again); the K-center sampler is never recomputed
     grad_checkpointing: bool = False
+    # budget-elastic training: each optimizer step runs on a token budget drawn from these, a function of
+    # (train.seed, step) (the same on every rank, rerun and resume), so that one model serves every budget at test
+    # time (eval.budgets). A list of budgets, e.g. [392, 784, 1176, 1568], or a range "LO-HI" / "LO-HI/STEP" (HI
+    # included, e.g. "392-1568/196") of which the budgets the family can run on are kept (README, "Token budgets at test time").
+    # Validation and testing stay at num_tokens. Empty: off, every step at num_tokens
+    train_budgets: list[int] | str = field(default_factory=list)
 
     def __post_init__(self):
         _check_choice("model.arch", self.arch, ARCHS)
@@ -174,6 +180,30 @@ class ModelConfig:
                              f"({self.num_hybrid_frames} hybrid frames of {grid} patches, {self.num_frames} frames)")
         if hybrid < self.num_tokens and self.num_hybrid_frames == self.num_frames:
             raise ValueError("model.num_tokens leaves k-center picks but every frame is a hybrid frame")
+        budgets = self.train_budget_candidates()
+        outside = [b for b in budgets if not hybrid <= b <= self.num_frames * grid]
+        if outside:  # every family's bounds; the segmented families' own rule is checked when the model is built
+            shown = outside if isinstance(self.train_budgets, list) else repr(self.train_budgets)
+            raise ValueError(f"model.train_budgets {shown} outside [{hybrid}, {self.num_frames * grid}]: a budget "
+                             f"holds at least the {self.num_hybrid_frames} hybrid frames of {grid} patches and at most "
+                             f"all {self.num_frames} x {grid} patches of the clip")
+
+    def train_budget_candidates(self) -> list[int]:
+        """model.train_budgets as a list: the list itself, or every count of the range (the model keeps those its
+        family can run on); [] when off. A ValueError naming the key for a malformed value."""
+        spec = self.train_budgets
+        if isinstance(spec, list):
+            if len(set(spec)) != len(spec):
+                raise ValueError(f"model.train_budgets lists a budget twice: {spec}")
+            return list(spec)
+        match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*(?:/\s*(\d+)\s*)?", spec)
+        if not match:
+            raise ValueError(f"model.train_budgets {spec!r} must be a list of token counts or a range 'LO-HI' or "
+                             f"'LO-HI/STEP' of positive integers (e.g. '392-1568/196')")
+        low, high, step = int(match[1]), int(match[2]), int(match[3] or 1)
+        if not 0 < low < high or step <= 0:
+            raise ValueError(f"model.train_budgets {spec!r}: a range needs 0 < LO < HI and STEP > 0")
+        return list(range(low, high + 1, step))
 
 
 @dataclass
@@ -382,7 +412,18 @@ def _coerce(value, tp, key: str, source: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
+        for option in inner[:-1]:  # the first type the value is (e.g. list[int] | str: a list, else a string)
+            try:
+                return _coerce(value, option, key, source)
+            except (TypeError, ValueError):
+                pass
+        try:
+            return _coerce(value, inner[-1], key, source)
+        except TypeError:
+            if len(inner) == 1:
+                raise
+            raise TypeError(f"{source}: {key} must be {' or '.join(_type_name(t) for t in inner)}, got "
+                            f"{type(value).__name__} {value!r}") from None
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{source}: {key} must be a list, got {value!r}")
@@ -402,6 +443,10 @@ def _coerce(value, tp, key: str, source: str):
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise TypeError(f"{source}: {key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp)
 
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

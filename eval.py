@@ -266,7 +266,7 @@ def results_text(summary: dict) -> str:
 
 # model settings that do not change the function a trained model computes at test time
 _EVAL_IRRELEVANT = {"pretrained", "init_from", "init_skip", "drop_rate", "pos_drop_rate", "attn_drop_rate",
-                    "drop_path_rate", "grad_checkpointing"}
+                    "drop_path_rate", "grad_checkpointing", "train_budgets"}
 
 
 def check_checkpoint_fits(ckpt: dict, cfg: Config, path: str, class_names: list[str]) -> None:

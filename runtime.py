@@ -132,10 +132,10 @@ class TrainingLoss(torch.nn.Module):
         super().__init__()
         self.model, self.label_smoothing, self.rows_per_step = model, label_smoothing, rows_per_step
 
-    def forward(self, clips, labels, seeds):
+    def forward(self, clips, labels, seeds, num_tokens: int | None = None):
         if not len(labels):
             return empty_batch_loss(self.model), None
-        logits = self.model(clips, seeds=seeds)
+        logits = self.model(clips, seeds=seeds, num_tokens=num_tokens)  # None: the model's own budget
         # sum over the rows present / nominal rows per optimizer step on this rank: the accumulated gradient is the
         # mean over the step's clips (DDP averages the ranks), and a batch that lost a bad video, or all of them,
         # still counts its samples at the same weight
@@ -173,8 +173,9 @@ def class_recall(confusion: torch.Tensor) -> torch.Tensor:
 
 
 # What a clip's K-center start depends on besides the run's seed and the video: the epoch in training, nothing in
-# validation, the view in testing. Disjoint streams, so that no two of them share starts by construction.
-TRAIN_STARTS, VAL_STARTS, TEST_STARTS = range(3)
+# validation, the view in testing. Disjoint streams, so that no two of them share starts by construction; the
+# token budget of a training step (model.train_budgets) has a stream of its own.
+TRAIN_STARTS, VAL_STARTS, TEST_STARTS, TRAIN_BUDGETS = range(4)
 
 
 def kcenter_seeds(seed: int, stream: int, step, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,6 +196,14 @@ def kcenter_seeds(seed: int, stream: int, step, index: torch.Tensor, view: torch
         view = view.cpu().numpy()
         seeds = np.where(view > 0, mix_keys(seed, stream, step, index, view), seeds)
     return torch.from_numpy(seeds.view(np.int64))
+
+
+def train_budgets(seed: int, steps, budgets: list[int]) -> np.ndarray:
+    """The token budget of each optimizer step in `steps` (an int or an array of step numbers, counted from 0 over
+    the whole run) with model.train_budgets: one of `budgets`, uniformly, a fixed function of (seed, step), so every
+    rank, rerun and resume draws the same."""
+    draws = mix_keys(seed, TRAIN_BUDGETS, steps) % np.uint64(len(budgets))
+    return np.asarray(budgets, dtype=np.int64)[draws.astype(np.int64)]
 
 
 def view_seeds(seed: int, index: torch.Tensor, num_views: int) -> torch.Tensor:

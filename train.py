@@ -53,7 +53,7 @@ if __name__ != "__mp_main__":
     from runtime import (TRAIN_STARTS, VAL_STARTS, TrainingLoss, autocast_dtype, init_from_checkpoint,
                          class_recall, count_confusion, kcenter_seeds, load_model_weights, parse_command_line,
                          read_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                         setup_distributed, setup_logging, write_atomic)
+                         setup_distributed, setup_logging, train_budgets, write_atomic)
     from vis import draw_confusion_matrix, draw_sampled_patches
 else:
     # DALI's source workers (the processes above) ignore the preemption signals: Slurm signals every process of a
@@ -133,6 +133,41 @@ def build_ema(model: torch.nn.Module, cfg: Config):
     return ema
 
 
+def resolve_train_budgets(model: torch.nn.Module, cfg: Config) -> list[int]:
+    """model.train_budgets as the budgets the steps draw from ([] when off): a list as given, each one this family
+    can run on; a range, the counts in it that it can. An error naming the valid ones otherwise."""
+    candidates = cfg.model.train_budget_candidates()
+    if isinstance(cfg.model.train_budgets, list):
+        for budget in candidates:
+            try:
+                model.check_budget(budget)
+            except ValueError as e:
+                raise ValueError(f"model.train_budgets: {e}") from None
+        return candidates
+    valid = set(model.token_budgets())
+    budgets = [b for b in candidates if b in valid]
+    if not budgets:
+        model.check_budget(candidates[0])  # the error naming the valid ones
+    return budgets
+
+
+def log_train_budgets(budgets: list[int], seed: int, total_steps: int, model: torch.nn.Module) -> None:
+    """What budget-elastic training will train on, logged once at start: each budget, its cost and how many of
+    the run's optimizer steps draw it."""
+    from models.flops import view_gflops
+    counts = np.bincount(np.searchsorted(budgets, train_budgets(seed, np.arange(total_steps), budgets)),
+                         minlength=len(budgets))
+    head = (f"budget-elastic training (model.train_budgets): each optimizer step on one of {len(budgets)} token "
+            f"budgets, drawn from (train.seed, step); validation at model.num_tokens")
+    if len(budgets) > 16:  # a range: its ends, not a row a budget
+        log.info("%s: %d to %d tokens (%.4f to %.4f GFLOPs/view), each drawn by %d to %d of the run's %d steps", head,
+                 budgets[0], budgets[-1], view_gflops(model, budgets[0]), view_gflops(model, budgets[-1]),
+                 counts.min(), counts.max(), total_steps)
+        return
+    rows = [f"{b:>7}  {view_gflops(model, b):11.4f}  {n:>6}" for b, n in zip(budgets, counts)]
+    log.info("%s\n budget  GFLOPs/view   steps\n%s", head, "\n".join(rows))
+
+
 def compile_model(model: torch.nn.Module, cfg: Config) -> None:
     """train.compile: torch.compile (inductor) the model's tokens -> logits part, `forward_tokens`, in place.
 
@@ -150,7 +185,7 @@ def compile_model(model: torch.nn.Module, cfg: Config) -> None:
 RESUME_KEYS = {"data": ["dataset", "train_list", "num_frames", "sampling_rate", "target_fps", "crop_size",
                         "num_sample"],
                "model": ["arch", "num_tokens", "num_hybrid_frames", "num_segments", "img_size", "patch_size",
-                         "embed_dim", "depth", "num_heads", "num_classes"],
+                         "embed_dim", "depth", "num_heads", "num_classes", "train_budgets"],
                "train": ["seed", "epochs", "batch_size", "max_steps_per_epoch", "lr", "min_lr", "warmup_epochs",
                          "layer_decay", "model_ema", "model_ema_decay", "model_ema_warmup"]}
 
@@ -350,6 +385,7 @@ class Trainer:
     clip's random erasing stays: pipelines/batch_augment.py)."""
 
     ema = None  # train.model_ema: the moving average of the weights (`build_ema`)
+    budgets: list[int] = []  # model.train_budgets, resolved (`resolve_train_budgets`); [] when off
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -371,6 +407,7 @@ class Trainer:
             init_from_checkpoint(self.model, read_checkpoint(cfg.model.init_from), cfg.model.init_from,
                                  cfg.model.init_skip)
         self.model.to(device)
+        self.budgets = sorted(resolve_train_budgets(self.model, cfg))  # model.train_budgets; [] when off
         self.ema = build_ema(self.model, cfg)  # of the weights the run starts from; a resume loads the saved one
         compile_model(self.model, cfg)  # after the average's copy (see there)
         # the loss is the mean over a step's clips: with data.num_sample N, N augmented views of each video
@@ -393,6 +430,8 @@ class Trainer:
         if ckpt:
             check_epoch_length(ckpt, self.steps_per_epoch, self.train_loader.num_videos, self.last_path)
         self.scheduler = build_schedule(self.optimizer, cfg, self.steps_per_epoch)
+        if self.budgets and rank == 0:
+            log_train_budgets(self.budgets, cfg.train.seed, cfg.train.epochs * self.steps_per_epoch, self.model)
         self.val_loader = self._loader("val", 0, 0) if cfg.data.val_list else None
         self.writer = self._tensorboard() if rank == 0 else None
 
@@ -452,10 +491,16 @@ class Trainer:
                 save_checkpoint(os.path.join(self.cfg.train.out_dir, "best.pt"), state)
             save_checkpoint(self.last_path, state)
 
-    def forward_loss(self, clips, labels, seeds):
-        """(loss, logits) of one micro-batch; (a zero, None) for a batch of no clips (see `TrainingLoss`)."""
+    def step_budget(self) -> int | None:
+        """The token budget of the optimizer step in progress (model.train_budgets: a function of the seed and the
+        step, so the same for all its micro-batches, on every rank and on resume); None: the model's own."""
+        return int(train_budgets(self.cfg.train.seed, self.step, self.budgets)) if self.budgets else None
+
+    def forward_loss(self, clips, labels, seeds, num_tokens: int | None = None):
+        """(loss, logits) of one micro-batch on `num_tokens` tokens (None: the model's own); (a zero, None) for a
+        batch of no clips (see `TrainingLoss`)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
-            return self.ddp(clips, labels, seeds)
+            return self.ddp(clips, labels, seeds, num_tokens)
 
     def optimizer_step(self) -> None:
         if self.scaler:
@@ -490,7 +535,7 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
     start = time.perf_counter()
     batches = iter(tr.train_loader)
     augment = BatchAugment.from_config(cfg)  # erasing, mixup, cutmix: a function of (seed, epoch, batch, video)
-    batch_index, done_steps = first_batch, 0
+    batch_index, done_steps, tokens_sum = first_batch, 0, 0
     while done_steps < steps_left:
         t0 = time.perf_counter()
         batch = next(batches, None)
@@ -503,12 +548,13 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
         last_micro = batch_index % tr.accum == 0
         with model.no_sync() if tr.world > 1 and not last_micro else nullcontext():
             seeds = kcenter_seeds(cfg.train.seed, TRAIN_STARTS, epoch, batch.index, batch.view)  # K-center starts
-            loss, _ = tr.forward_loss(clips, targets, seeds)
+            loss, _ = tr.forward_loss(clips, targets, seeds, tr.step_budget())
             (tr.scaler.scale(loss) if tr.scaler else loss).backward()
         loss_sum += loss.detach()
         sums["clips"] += len(batch.labels)
         if not last_micro:
             continue
+        tokens_sum += tr.step_budget() or cfg.model.num_tokens
         tr.optimizer_step()
         done_steps += 1
         bar.update(1)
@@ -519,6 +565,8 @@ def train_one_epoch(tr: Trainer, epoch: int, first_batch: int, preemption: Preem
             tr.writer.add_scalar("train/lr", max(group["lr"] for group in tr.optimizer.param_groups), tr.step)
             tr.writer.add_scalar("train/clips_per_s_per_rank", sums["clips"] / elapsed, tr.step)
             tr.writer.add_scalar("train/data_wait_fraction", sums["wait"] / elapsed, tr.step)
+            if tr.budgets:  # the mean token budget of the epoch's steps so far (model.train_budgets)
+                tr.writer.add_scalar("train/tokens", tokens_sum / done_steps, tr.step)
             bar.set_postfix(loss=f"{mean_loss:.3f}")
         saved = cfg.train.save_every_steps and tr.step % cfg.train.save_every_steps == 0 and done_steps < steps_left
         if saved:
