@@ -59,7 +59,8 @@ else:
     # DALI's source workers (the processes above) ignore the preemption signals: Slurm signals every process of a
     # job step and torchrun a worker's whole process group, and a source worker that died of it would fail its
     # rank's pipeline in the middle of the step the rank still finishes. They end with their pipeline, which the
-    # rank closes as it exits; SIGKILL, which follows from Slurm and torchrun, still ends them.
+    # rank closes as it exits; SIGKILL, which follows from Slurm and torchrun, still ends them. They start with the
+    # signals blocked (pipelines.loader.handled_signals_blocked), so that one sent before this line cannot kill them.
     for _signal in PREEMPTION_SIGNALS:
         signal.signal(_signal, signal.SIG_IGN)
 

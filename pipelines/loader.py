@@ -7,9 +7,12 @@ marked as padding or bad, keeps the record of bad videos, and enforces `max_bad_
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import signal
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,31 @@ from pipelines.graphs import GRAPHS, OUTPUT_NAMES, rand_augment_suite
 from pipelines.sources import BAD, OK, PADDING, ClipSource, ClipSpec, message_text
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def handled_signals_blocked(signals=(signal.SIGTERM, signal.SIGUSR1)):
+    """Blocks, in this thread, those of `signals` this process handles in Python (train.py's preemption), while
+    DALI starts a pipeline's source workers, and restores the mask after.
+
+    A worker is spawned (fork, then exec of a new interpreter), and until it has run the code of its own that ignores
+    these signals (train.py, as __mp_main__) a signal gets their default action: it dies, and its rank's pipeline
+    fails, so a preemption (Slurm signals every process of a job step) that comes while a pipeline starts (at each
+    validation, and each epoch that starts a pipeline anew) would end the run with an error instead of a stop.
+    The signal mask survives fork and exec: the worker starts with them blocked, and keeps them blocked (its parent
+    ends it by closing the pipeline; SIGKILL still ends it). A signal sent to this process meanwhile waits, or goes
+    to another thread, and reaches its handler once the pipeline is built; a process that leaves the signals at
+    their defaults (eval.py, a script) is not changed. The same as multiprocessing does for its resource tracker
+    (bpo-33613), which is started first, since its own start unblocks SIGTERM."""
+    handled = {s for s in signals if callable(signal.getsignal(s))}
+    if handled:  # started now if not yet: launching it in the window would unblock SIGTERM (bpo-33613's own mask)
+        resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled) if handled else None
+    try:
+        yield
+    finally:
+        if handled:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -223,10 +251,11 @@ class ClipLoader:
         source = ClipSource(self.dataset.videos, self.spec, seed=self.seed, rank=self.rank,
                             world_size=self.world_size, batch_size=self.batch_size, start_epoch=epoch,
                             start_batch=start_batch, batches_multiple=self.batches_multiple)
-        pipe = make_pipeline(source, self.batch_size, num_threads=self.num_threads, py_workers=self.py_workers,
-                             device_id=self.device_id if self.spec.device == "gpu" else None,
-                             seed=self.seed + self.rank)
-        iterator = DALIGenericIterator(pipe, OUTPUT_NAMES, size=-1, auto_reset=False, prepare_first_batch=False)
+        with handled_signals_blocked():  # the iterator builds the pipeline, which starts its source workers
+            pipe = make_pipeline(source, self.batch_size, num_threads=self.num_threads, py_workers=self.py_workers,
+                                 device_id=self.device_id if self.spec.device == "gpu" else None,
+                                 seed=self.seed + self.rank)
+            iterator = DALIGenericIterator(pipe, OUTPUT_NAMES, size=-1, auto_reset=False, prepare_first_batch=False)
         return iterator, pipe
 
     def _decode_one_by_one(self, batch_number: int, counts: dict, error: RuntimeError) -> Batch:

@@ -766,3 +766,44 @@ def test_gpu_train_and_ssv2(kinetics_gpu, ssv2):
     assert batch.clips.is_cuda
     for clip in batch.clips:
         assert torch.equal(clip, clip[:, :1].expand_as(clip))
+
+
+def test_a_preemption_signal_to_every_process_while_the_source_workers_start_kills_none_of_them(kinetics):
+    # Slurm signals every process of a job step: a worker that gets SIGTERM before its own code ignores it would die
+    # of it and fail the pipeline (pipelines.loader.handled_signals_blocked). Here every child of this process gets
+    # SIGTERM as soon as it appears, and again every millisecond, while a loader with 2 source workers starts and
+    # runs an epoch; this process gets one too, noted by its handler as train.py's Preemption does
+    import signal
+    import threading
+    import time
+
+    from test_reproducibility import process_tree
+    noted, stop = [], threading.Event()
+
+    def signal_every_process():
+        os.kill(os.getpid(), signal.SIGTERM)
+        while not stop.is_set():
+            for pid in process_tree(os.getpid())[1:]:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.001)
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    sender = threading.Thread(target=signal_every_process)
+    try:
+        loader = build_loader(kinetics_cfg(kinetics, py_workers=2), "train", batch_size=2, seed=1)
+        sender.start()
+        batches = run_epoch(loader)
+        stop.set()
+        sender.join()
+        for _ in range(100):  # the handler runs between two bytecodes of this thread
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        signal.signal(signal.SIGTERM, previous)
+    assert noted == [signal.SIGTERM]
+    expected = run_epoch(build_loader(kinetics_cfg(kinetics), "train", batch_size=2, seed=1))
+    assert [index for index, *_ in batches] == [index for index, *_ in expected]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, expected))

@@ -401,8 +401,9 @@ def test_stopped_on_one_process_and_resumed_on_two_is_close_to_the_run_never_sto
     one_process = ["train.micro_batch_size=2"]  # both clips of a step in one micro-batch
     straight, out = tmp_path / "straight", tmp_path / "run"
     run_to_end(command(straight, small_demo_root, 1, *SHORT_RUN, *one_process))
-    status, _ = run_and_signal(command(out, small_demo_root, 1, *SHORT_RUN, *one_process), out, 2, signal.SIGTERM)
-    assert status == PREEMPTED_EXIT
+    status, output = run_and_signal(command(out, small_demo_root, 1, *SHORT_RUN, *one_process), out, 2,
+                                    signal.SIGTERM)
+    assert status == PREEMPTED_EXIT, output[-3000:]
     assert_stopped_mid_epoch_at_its_last_checkpoint(out, "SIGTERM", 2)
     resumed = tmp_path / "resumed"
     resume_to_end(out, resumed, small_demo_root, 2)  # micro-batches of 1, one a process
