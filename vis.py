@@ -1,6 +1,6 @@
 """Pictures, drawn with PIL alone: what K-center sampling keeps (every frame of a clip, unchosen patches dimmed,
-hybrid frames framed), a confusion matrix (a heat map of each class's predictions), and a plain line plot (eval.py's
-accuracy against cost of each token budget)."""
+hybrid frames framed), a confusion matrix (a heat map of each class's predictions), and line plots (eval.py's
+accuracy against cost of each token budget; bench/bench_budgets.py's curves of several models, with their spread)."""
 from __future__ import annotations
 
 import math
@@ -129,15 +129,30 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
 
 
+SERIES_COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (230, 159, 0)]
+
+
 def draw_line_plot(xs, ys, labels, x_label: str, y_label: str, title: str = "", size: tuple[int, int] = (640, 440),
                    margin: tuple[int, int, int, int] = (70, 40, 30, 55)) -> np.ndarray:
     """Points (xs[i], ys[i]) joined in order of x, each marked and labelled with labels[i], on axes with round
     ticks -> an (H, W, 3) uint8 image. margin: (left, top, right, bottom) pixels around the plot area."""
+    return draw_series_plot([{"xs": xs, "ys": ys, "labels": labels}], x_label, y_label, title, size, margin)
+
+
+def draw_series_plot(series: list[dict], x_label: str, y_label: str, title: str = "",
+                     size: tuple[int, int] = (640, 440),
+                     margin: tuple[int, int, int, int] = (70, 40, 30, 55)) -> np.ndarray:
+    """Several lines on one pair of axes -> an (H, W, 3) uint8 image. Each series is a dict of `xs`, `ys` (its
+    points, joined in order of x), and optionally `name` (a legend entry), `labels` (one beside each point), `lows`
+    and `highs` (a vertical bar at each point, e.g. the min and max over seeds). A series' colour is its place in
+    the list. margin: (left, top, right, bottom) pixels around the plot area."""
     width, height = size
     left, top, right, bottom = margin
     image = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    all_x = [x for one in series for x in one["xs"]]
+    all_y = [y for one in series for key in ("ys", "lows", "highs") for y in one.get(key, ())]
+    x_ticks, y_ticks = nice_ticks(min(all_x), max(all_x)), nice_ticks(min(all_y), max(all_y))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
 
     def at(x: float, y: float) -> tuple[float, float]:  # data -> pixels, y upwards
@@ -158,12 +173,27 @@ def draw_line_plot(xs, ys, labels, x_label: str, y_label: str, title: str = "", 
     _put_text(draw, (8, top - 22), y_label, font, (0, 0.5))
     if title:
         _put_text(draw, (width / 2, 12), title, font, (0.5, 0.5))
-    points = sorted(zip(xs, ys, labels))
-    draw.line([at(x, y) for x, y, _ in points], fill=PICK_COLOUR, width=2)
-    for x, y, label in points:
-        px, py = at(x, y)
-        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=HYBRID_COLOUR, outline="black")
-        _put_text(draw, (px + 6, py - 6), str(label), font, (0, 1))
+    for number, one in enumerate(series):
+        colour = SERIES_COLOURS[number % len(SERIES_COLOURS)] if len(series) > 1 else PICK_COLOUR
+        count = len(one["xs"])
+        labels, lows, highs = (one.get(key) or [None] * count for key in ("labels", "lows", "highs"))
+        points = sorted(zip(one["xs"], one["ys"], range(count)))
+        draw.line([at(x, y) for x, y, _ in points], fill=colour, width=2)
+        for x, y, i in points:
+            px, py = at(x, y)
+            if lows[i] is not None and highs[i] is not None:  # the bar, with caps
+                (_, p_low), (_, p_high) = at(x, lows[i]), at(x, highs[i])
+                draw.line([px, p_low, px, p_high], fill=colour, width=1)
+                for cap in (p_low, p_high):
+                    draw.line([px - 4, cap, px + 4, cap], fill=colour, width=1)
+            marker = colour if len(series) > 1 else HYBRID_COLOUR
+            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=marker, outline="black")
+            if labels[i] is not None:
+                _put_text(draw, (px + 6, py - 6), str(labels[i]), font, (0, 1))
+        if one.get("name"):  # the legend, top right inside the plot, a row a series
+            row = top + 10 + 16 * number
+            draw.line([width - right - 150, row, width - right - 130, row], fill=colour, width=3)
+            _put_text(draw, (width - right - 124, row), one["name"], font, (0, 0.5))
     return np.asarray(image)
 
 

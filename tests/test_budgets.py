@@ -18,7 +18,7 @@ from config import Config, EvalConfig, load_config
 from models import KCenterMotionformer, KCenterTimeSformer, KCenterViT
 from models.flops import view_gflops
 from test_train import REPO, SMALL, RefusesEmpty, clip_batch, demo_root, run, write_config  # noqa: F401 (fixture)
-from vis import draw_line_plot
+from vis import SERIES_COLOURS, draw_line_plot, draw_series_plot
 
 # 8 frames of 4x4 places: the segmented families in 4 groups of 16 (a hybrid segment and 3 k-center mosaics)
 SEGMENTED = dict(num_classes=5, num_frames=8, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
@@ -151,6 +151,21 @@ def test_the_line_plot_marks_each_point():
     assert image.shape == (440, 640, 3) and image.dtype == np.uint8
     marker = np.array([255, 140, 0])  # the points' fill
     assert (np.abs(image.astype(int) - marker).sum(-1) == 0).sum() >= 3 * 20
+
+
+def test_the_series_plot_draws_each_line_in_its_colour_with_its_bars_and_legend():
+    series = [{"name": "one", "xs": [1.0, 2.0], "ys": [50.0, 60.0], "lows": [45.0, 58.0], "highs": [55.0, 61.0]},
+              {"name": "two", "xs": [1.0, 2.0], "ys": [40.0, 70.0], "labels": ["a", "b"]}]
+    image = draw_series_plot(series, "GFLOPs", "top-1").astype(int)
+    for colour in SERIES_COLOURS[:2]:
+        assert (np.abs(image - np.array(colour)).sum(-1) == 0).sum() > 100  # its line, markers and legend
+    first = np.abs(image - np.array(SERIES_COLOURS[0])).sum(-1) == 0
+    # the bar at x = 1 spans 45..55 on axes 40..70 (ticks): its column is coloured from 1/6 to 1/2 up the plot
+    column = first[:, 70 + 4 - 4 : 70 + 4 + 5].any(1)  # left margin 70, the bar's caps 4 pixels either side
+    rows = np.flatnonzero(column)
+    plot_top, plot_bottom = 40, 440 - 55
+    assert rows.min() <= plot_bottom - (55 - 40) / 30 * (plot_bottom - plot_top) + 2
+    assert rows.max() >= plot_bottom - (45 - 40) / 30 * (plot_bottom - plot_top) - 2
 
 
 @pytest.fixture(scope="module")
