@@ -191,9 +191,10 @@ def draw_series_plot(series: list[dict], x_label: str, y_label: str, title: str 
             if labels[i] is not None:
                 _put_text(draw, (px + 6, py - 6), str(labels[i]), font, (0, 1))
         if one.get("name"):  # the legend, top right inside the plot, a row a series
-            row = top + 10 + 16 * number
-            draw.line([width - right - 150, row, width - right - 130, row], fill=colour, width=3)
-            _put_text(draw, (width - right - 124, row), one["name"], font, (0, 0.5))
+            widest = max(_text_size(font, other.get("name") or "")[0] for other in series)
+            row, x = top + 10 + 16 * number, width - right - 10 - widest - 26
+            draw.line([x, row, x + 20, row], fill=colour, width=3)
+            _put_text(draw, (x + 26, row), one["name"], font, (0, 0.5))
     return np.asarray(image)
 
 

@@ -4,7 +4,7 @@ For each seed the demo (configs/demo.yaml: a K-center ViT of 8 frames x 36 place
 motion dataset) is trained twice with `train.py`: once at its own 144 tokens, once with `model.train_budgets` (each
 optimizer step on one of the budgets, drawn from the seed and the step). Each checkpoint is then tested with one
 `eval.py` run at every budget of `--budgets` (`eval.budgets`: the same views and K-center seeds for all, the videos
-decoded once). The demo is small (64 test videos of 4 classes), so it runs several seeds and reports the mean,
+decoded once). The demo is small (64 test videos of 4 classes), so it runs 5 seeds and reports the mean,
 standard deviation, min and max of the top-1 over them.
 
 Writes, under --out: one folder a run (its train.log, last.pt, results.json, budgets.png), budgets.json (every
@@ -12,7 +12,7 @@ run's figures and the summary), budgets.md (the table bench/RESULTS.md holds), a
 against GFLOPs per view, one line a training, bars from the min to the max over the seeds. A run whose results.json
 exists is not run again (a stopped benchmark goes on where it was).
 
-    python bench/bench_budgets.py --out runs/bench_budgets --figure bench/budgets_demo.png   # about 10 min here
+    python bench/bench_budgets.py --out runs/bench_budgets --figure bench/budgets_demo.png   # 9 min here
     python bench/bench_budgets.py --seeds 0 --only elastic
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def table(summary: dict, budgets: list[int], seeds: list[int], trained: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench_budgets")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--budgets", type=int, nargs="+", default=[72, 108, 144, 216], help="tested at these")
     parser.add_argument("--train-budgets", default="[72,108,144,216]", help="model.train_budgets of the elastic run")
     parser.add_argument("--only", choices=list(TRAININGS), help="one of the two trainings")

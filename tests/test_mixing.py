@@ -317,7 +317,7 @@ class Logits(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
 
-    def forward(self, clips, seeds=None):
+    def forward(self, clips, seeds=None, num_tokens=None):
         if not len(clips):
             raise RuntimeError("batch size must be positive")
         return self.table[clips.flatten(1)[:, 0].long()]
@@ -353,8 +353,8 @@ def mixing_trainer(batches):
     tr.cfg.data.re_prob, tr.cfg.data.re_count, tr.cfg.model.num_classes = 0.6, 2, SMALL["num_classes"]
     tr.inputs, forward_loss = [], tr.forward_loss
 
-    def recording(clips, targets, seeds):
-        loss, logits = forward_loss(clips, targets, seeds)
+    def recording(clips, targets, seeds, num_tokens=None):
+        loss, logits = forward_loss(clips, targets, seeds, num_tokens)
         tr.inputs.append((clips, targets, loss.item()))
         return loss, logits
 
