@@ -10,7 +10,8 @@ standard deviation, min and max of the top-1 over them.
 Writes, under --out: one folder a run (its train.log, last.pt, results.json, budgets.png), budgets.json (every
 run's figures and the summary), budgets.md (the table bench/RESULTS.md holds), and the figure --figure: top-1
 against GFLOPs per view, one line a training, bars from the min to the max over the seeds. A run whose results.json
-exists is not run again (a stopped benchmark goes on where it was).
+exists is not run again and a stopped one resumes (a stopped benchmark goes on where it was), when it was made by
+the same commands at the same commit; a run folder of other code or settings is an error, never mixed in.
 
     python bench/bench_budgets.py --out runs/bench_budgets --figure bench/budgets_demo.png   # 9 min here
     python bench/bench_budgets.py --seeds 0 --only elastic
@@ -18,6 +19,7 @@ exists is not run again (a stopped benchmark goes on where it was).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -42,16 +44,39 @@ def run(args: list[str], log_path: str) -> None:
         raise SystemExit(f"{' '.join(args[:3])} failed with status {result.returncode} ({log_path}):\n{tail}")
 
 
+def commit() -> str:
+    """The repository's commit, with "+changes <hash of the diff>" when tracked files differ from it ("unknown"
+    outside git)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    head, diff = git("rev-parse", "HEAD") or "unknown", git("diff", "HEAD")
+    return head + (f"+changes {hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else "")
+
+
 def train_and_test(out: str, seed: int, overrides: list[str], budgets: list[int], common: list[str]) -> list[dict]:
-    """The budgets entries of results.json of one training (trained, then tested at `budgets`)."""
+    """The budgets entries of results.json of one training (trained, then tested at `budgets`).
+
+    A run folder keeps the commands and commit it was made with (run.json); it is reused (finished, or resumed from
+    its last.pt) only by the same commands at the same commit, and is an error otherwise: figures of older code or
+    other settings are never mixed into a table."""
     results = os.path.join(out, "test", "results.json")
+    config = ["--config", "configs/demo.yaml", f"train.seed={seed}", f"train.out_dir={out}", *common]
+    stamp = {"train": ["train.py", *config, "data.test_list=", *overrides],
+             "eval": ["eval.py", *config, f"eval.budgets=[{','.join(map(str, budgets))}]",
+                      f"eval.out_dir={os.path.join(out, 'test')}"], "commit": commit()}
+    stamp_path = os.path.join(out, "run.json")
+    if os.path.exists(out) and os.listdir(out):
+        earlier = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+        if earlier != stamp:
+            made = f"at commit {earlier['commit']}" if earlier else "without a run.json"
+            raise SystemExit(f"{out} holds a run made {made} or with other commands than this one "
+                             f"({stamp['commit']}): give another --out, or delete {out} to run it again")
     if not os.path.exists(results):
         os.makedirs(out, exist_ok=True)
-        config = ["--config", "configs/demo.yaml", f"train.seed={seed}", f"train.out_dir={out}", *common]
+        write_atomic(stamp_path, json.dumps(stamp, indent=2))
         # a training that was stopped resumes from its last.pt (one that ended ends again at once)
-        run(["train.py", *config, "data.test_list=", *overrides], os.path.join(out, "train.out"))
-        run(["eval.py", *config, f"eval.budgets=[{','.join(map(str, budgets))}]",
-             f"eval.out_dir={os.path.join(out, 'test')}"], os.path.join(out, "eval.out"))
+        run(stamp["train"], os.path.join(out, "train.out"))
+        run(stamp["eval"], os.path.join(out, "eval.out"))
     with open(results) as f:
         return json.load(f)["budgets"]
 

@@ -178,6 +178,41 @@ def trained(tmp_path_factory, demo_root):  # noqa: F811
     return tmp, config
 
 
+def test_the_budget_benchmark_reuses_a_run_only_of_its_own_commands_and_commit(tmp_path, monkeypatch):
+    from bench import bench_budgets
+    ran, entries = [], [{"budget": 72}, {"budget": 144}]
+    out = tmp_path / "one_budget_seed0"
+
+    def run(args, log):  # train.py and eval.py, faked: eval.py writes the results
+        ran.append(args[0])
+        if args[0] == "eval.py":
+            (out / "test").mkdir()
+            (out / "test" / "results.json").write_text(json.dumps({"budgets": entries}))
+
+    monkeypatch.setattr(bench_budgets, "run", run)
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"of older code")  # a run folder from before run.json
+    with pytest.raises(SystemExit, match="without a run.json"):
+        bench_budgets.train_and_test(str(out), 0, [], [72, 144], [])
+    (out / "last.pt").unlink()
+    (out / "test").mkdir()
+    (out / "test" / "results.json").write_text(json.dumps({"budgets": entries}))  # a finished run...
+    with pytest.raises(SystemExit, match="without a run.json"):  # ... of unknown making is not taken in
+        bench_budgets.train_and_test(str(out), 0, [], [72, 144], [])
+    assert ran == []
+    (out / "test" / "results.json").unlink()
+    (out / "test").rmdir()
+    assert bench_budgets.train_and_test(str(out), 0, [], [72, 144], []) == entries  # runs, and stamps the folder
+    assert ran == ["train.py", "eval.py"] and json.loads((out / "run.json").read_text())["commit"]
+    assert bench_budgets.train_and_test(str(out), 0, [], [72, 144], []) == entries  # its own: reused, not rerun
+    assert ran == ["train.py", "eval.py"]
+    with pytest.raises(SystemExit, match="other commands"):  # other settings in the same folder
+        bench_budgets.train_and_test(str(out), 0, ["train.epochs=5"], [72, 144], [])
+    monkeypatch.setattr(bench_budgets, "commit", lambda: "another")
+    with pytest.raises(SystemExit, match="other commands"):  # other code
+        bench_budgets.train_and_test(str(out), 0, [], [72, 144], [])
+
+
 @pytest.mark.slow
 def test_eval_sweep_writes_each_budget_and_its_own_budget_equals_the_plain_test(trained):
     tmp, config = trained
