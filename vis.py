@@ -173,6 +173,7 @@ def draw_series_plot(series: list[dict], x_label: str, y_label: str, title: str 
     _put_text(draw, (8, top - 22), y_label, font, (0, 0.5))
     if title:
         _put_text(draw, (width / 2, 12), title, font, (0.5, 0.5))
+    legend_x = width - right - 36 - max(_text_size(font, one.get("name") or "")[0] for one in series)  # by the widest
     for number, one in enumerate(series):
         colour = SERIES_COLOURS[number % len(SERIES_COLOURS)] if len(series) > 1 else PICK_COLOUR
         count = len(one["xs"])
@@ -191,10 +192,9 @@ def draw_series_plot(series: list[dict], x_label: str, y_label: str, title: str 
             if labels[i] is not None:
                 _put_text(draw, (px + 6, py - 6), str(labels[i]), font, (0, 1))
         if one.get("name"):  # the legend, top right inside the plot, a row a series
-            widest = max(_text_size(font, other.get("name") or "")[0] for other in series)
-            row, x = top + 10 + 16 * number, width - right - 10 - widest - 26
-            draw.line([x, row, x + 20, row], fill=colour, width=3)
-            _put_text(draw, (x + 26, row), one["name"], font, (0, 0.5))
+            row = top + 10 + 16 * number
+            draw.line([legend_x, row, legend_x + 20, row], fill=colour, width=3)
+            _put_text(draw, (legend_x + 26, row), one["name"], font, (0, 0.5))
     return np.asarray(image)
 
 

@@ -13,7 +13,7 @@ against GFLOPs per view, one line a training, bars from the min to the max over 
 exists is not run again and a stopped one resumes (a stopped benchmark goes on where it was), when it was made by
 the same commands at the same commit; a run folder of other code or settings is an error, never mixed in.
 
-    python bench/bench_budgets.py --out runs/bench_budgets --figure bench/budgets_demo.png   # 9 min here
+    python bench/bench_budgets.py --out runs/bench_budgets --figure bench/budgets_demo.png   # 19 min here, with other work
     python bench/bench_budgets.py --seeds 0 --only elastic
 """
 from __future__ import annotations
@@ -66,7 +66,10 @@ def train_and_test(out: str, seed: int, overrides: list[str], budgets: list[int]
                       f"eval.out_dir={os.path.join(out, 'test')}"], "commit": commit()}
     stamp_path = os.path.join(out, "run.json")
     if os.path.exists(out) and os.listdir(out):
-        earlier = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+        earlier = None
+        if os.path.exists(stamp_path):
+            with open(stamp_path) as f:
+                earlier = json.load(f)
         if earlier != stamp:
             made = f"at commit {earlier['commit']}" if earlier else "without a run.json"
             raise SystemExit(f"{out} holds a run made {made} or with other commands than this one "
