@@ -161,12 +161,15 @@ def rank_logs(out: Path) -> list[list[str]]:
 
 
 def test_usr1_before_the_time_limit_reaches_each_worker_and_the_job_is_requeued(tmp_path, slurm, signal_checkout):
-    # --signal without B: as train.sbatch has it, 100 s before a 2-minute limit (Slurm's timer is coarse: it comes
-    # 20-50 s in), so that on a loaded machine the workers have started before it and the limit is far after it
+    # --signal without B: as train.sbatch has it. The job starts with a long limit; once both workers have installed
+    # their handlers the limit is cut to 2 minutes, so that the signal (due 100 s before it) comes at the next tick
+    # of Slurm's coarse timer (up to 30 s), with the workers surely listening and the limit still far after it
     out = tmp_path / "out"
     env = dict(slurm, CPU_PROCS_PER_NODE="2")
-    job = submit(env, "--nodes=1", "--time=2", "--signal=USR1@100", f"--output={tmp_path}/job.out",
+    job = submit(env, "--nodes=1", "--time=10", "--signal=USR1@100", f"--output={tmp_path}/job.out",
                  REPO / "slurm" / "train.sbatch", "configs/demo.yaml", f"train.out_dir={out}", cwd=signal_checkout)
+    wait_for_files([out / "ready-rank0", out / "ready-rank1"], timeout=70)  # 2 min - 70 s: room for tick and exit
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=2"], env=slurm, check=True)
     wait_until_gone(slurm, job, timeout=230)
     output = (tmp_path / "job.out").read_text()
     record = job_record(slurm, job)
