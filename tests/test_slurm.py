@@ -5,6 +5,7 @@ and its signal path: SIGUSR1 before the time limit reaches every training proces
 job is requeued; `scancel` stops it for good. The signal tests run tests/slurm_signal_worker.py as `train.py` under
 the unchanged train.sbatch (train.py's own preemption handling is checked by its own tests).
 """
+import math
 import os
 import re
 import shutil
@@ -162,14 +163,17 @@ def rank_logs(out: Path) -> list[list[str]]:
 
 def test_usr1_before_the_time_limit_reaches_each_worker_and_the_job_is_requeued(tmp_path, slurm, signal_checkout):
     # --signal without B: as train.sbatch has it. The job starts with a long limit; once both workers have installed
-    # their handlers the limit is cut to 2 minutes, so that the signal (due 100 s before it) comes at the next tick
-    # of Slurm's coarse timer (up to 30 s), with the workers surely listening and the limit still far after it
+    # their handlers the limit is cut to whole minutes ending 45-105 s from now, so that the signal (due 100 s before
+    # the limit) comes at once or at the next tick of Slurm's coarse timer (up to 30 s), with the workers surely
+    # listening however slowly they started, and the limit still after their exit
     out = tmp_path / "out"
     env = dict(slurm, CPU_PROCS_PER_NODE="2")
-    job = submit(env, "--nodes=1", "--time=10", "--signal=USR1@100", f"--output={tmp_path}/job.out",
+    submitted = time.monotonic()
+    job = submit(env, "--nodes=1", "--time=20", "--signal=USR1@100", f"--output={tmp_path}/job.out",
                  REPO / "slurm" / "train.sbatch", "configs/demo.yaml", f"train.out_dir={out}", cwd=signal_checkout)
-    wait_for_files([out / "ready-rank0", out / "ready-rank1"], timeout=70)  # 2 min - 70 s: room for tick and exit
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=2"], env=slurm, check=True)
+    wait_for_files([out / "ready-rank0", out / "ready-rank1"], timeout=240)
+    limit = math.ceil((time.monotonic() - submitted + 45) / 60)  # minutes; the job has run no longer than this
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit}"], env=slurm, check=True)
     wait_until_gone(slurm, job, timeout=230)
     output = (tmp_path / "job.out").read_text()
     record = job_record(slurm, job)
@@ -190,7 +194,7 @@ def test_scancel_signals_each_worker_and_the_job_is_not_requeued(tmp_path, slurm
     env = dict(slurm, CPU_PROCS_PER_NODE="2")
     job = submit(env, "--nodes=1", f"--output={tmp_path}/job.out", REPO / "slurm" / "train.sbatch",
                  "configs/demo.yaml", f"train.out_dir={out}", cwd=signal_checkout)
-    wait_for_files([out / "ready-rank0", out / "ready-rank1"], timeout=60)
+    wait_for_files([out / "ready-rank0", out / "ready-rank1"], timeout=240)
     subprocess.run(["scancel", job], env=slurm, check=True)
     wait_until_gone(slurm, job, timeout=60)
     output = (tmp_path / "job.out").read_text()
