@@ -19,7 +19,7 @@ import pytest
 from preprocess.make_demo_data import make_demo_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-# slow: about 100 s in all, on 2 cores; the default tier checks sharding itself (tests/test_preprocess.py)
+# slow: about 140 s in all, on 2 cores; the default tier checks sharding itself (tests/test_preprocess.py)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("munged")),
